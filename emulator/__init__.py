@@ -1,0 +1,46 @@
+"""A reference NPU emulator: SRAM, DMA, matrix and vector units, cycles and traces.
+
+The public API: ``NPU`` runs a ``Kernel`` (a tiled program written against
+``KernelContext``) in ``tile`` or ``fast`` mode and returns outputs with a ``CycleReport``.
+"""
+
+from .config import ATOM, PRESETS, TINY, NPUConfig, get_preset
+from .device import NPU, DeviceTensor, Kernel
+from .errors import (
+    AllocationError,
+    DTypeMismatchError,
+    EmulatorError,
+    KernelError,
+    OperandShapeError,
+    OutOfBoundsError,
+    UninitializedReadError,
+)
+from .memory import Buffer, View, round_bf16
+from .program import InstructionStream, KernelContext, ceil_div, tiles
+from .report import CycleReport
+
+__all__ = [
+    "ATOM",
+    "PRESETS",
+    "TINY",
+    "NPUConfig",
+    "get_preset",
+    "NPU",
+    "DeviceTensor",
+    "Kernel",
+    "AllocationError",
+    "DTypeMismatchError",
+    "EmulatorError",
+    "KernelError",
+    "OperandShapeError",
+    "OutOfBoundsError",
+    "UninitializedReadError",
+    "Buffer",
+    "View",
+    "round_bf16",
+    "InstructionStream",
+    "KernelContext",
+    "ceil_div",
+    "tiles",
+    "CycleReport",
+]

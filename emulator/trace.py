@@ -1,0 +1,78 @@
+"""Chrome-trace / Perfetto JSON export: one track per compute unit and per DMA queue.
+
+Open the file at https://ui.perfetto.dev (or chrome://tracing). Time is emulated
+microseconds at the chip's clock. A DMA slice spans the cycles its bytes move; its issue time
+and latency are in the slice's arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def trace_events(report) -> list[dict]:
+    stream, sched = report.stream, report.schedule
+    us = 1e6 / report.clock_hz
+    n_engines = stream.first_dma_unit // 3
+    dma_pid = n_engines
+    events = []
+    for pid in range(n_engines):
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"engine {pid}"}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": pid}})
+    events.append({"ph": "M", "name": "process_name", "pid": dma_pid, "args": {"name": "DMA queues"}})
+    events.append({"ph": "M", "name": "process_sort_index", "pid": dma_pid, "args": {"sort_index": dma_pid}})
+    for u, uname in enumerate(stream.unit_names):
+        pid, tid = (dma_pid, u - stream.first_dma_unit) if u >= stream.first_dma_unit else divmod(u, 3)
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": uname}})
+    for i in range(len(stream)):
+        u = int(stream.unit[i])
+        end = float(sched.end[i])
+        if stream.is_dma[i]:
+            pid, tid = dma_pid, u - stream.first_dma_unit
+            begin = float(sched.data_start[i])
+            args = {
+                "bytes": int(stream.nbytes[i]),
+                "issued_cycle": float(sched.start[i]),
+                "latency_cycles": float(stream.dur[i]),
+                "cycles": end - begin,
+            }
+        else:
+            pid, tid = divmod(u, 3)
+            begin = float(sched.start[i])
+            args = {"cycles": end - begin}
+        events.append(
+            {
+                "name": stream.labels[i],
+                "cat": stream.ops[i],
+                "ph": "X",
+                "pid": pid,
+                "tid": tid,
+                "ts": begin * us,
+                "dur": (end - begin) * us,
+                "args": args,
+            }
+        )
+    return events
+
+
+def write_trace(path, report) -> str:
+    """Write atomically (a temporary file renamed into place); return the path."""
+    path = os.fspath(path)
+    doc = {
+        "traceEvents": trace_events(report),
+        "displayTimeUnit": "ns",
+        "otherData": {"kernel": report.name, "npu": report.npu, "cycles": report.cycles},
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
