@@ -56,7 +56,8 @@ class NPUConfig:
     # previous pass, so a pass costs max(M, mac_rows) cycles. Accumulation is fp32.
     mac_rows: int = 64
     mac_cols: int = 32
-    # Pipeline fill plus drain of one matmul instruction (cycles).
+    # Pipeline fill plus drain of one matmul instruction (cycles); paid when the unit was idle,
+    # hidden when the instruction follows the previous one back to back.
     mac_fill_drain: int = 96
     # Largest operands of one matmul instruction: A (M, K), B (K, N), accumulator (M, N).
     matmul_max_m: int = 512

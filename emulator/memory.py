@@ -67,8 +67,8 @@ class Buffer:
         self.written = None
         self.freed = False
         # Dependency tracking (program.py): recent accesses as (extent, instruction id).
-        self.reads: list = []
-        self.writes: list = []
+        self.reads = AccessLog()
+        self.writes = AccessLog()
         self.inherited: dict[int, int] = {}
 
     @property
@@ -308,3 +308,99 @@ class Allocator:
             else:
                 merged.append([start, sz])
         self.free_blocks = merged
+
+
+class AccessLog:
+    """Recent accesses to one buffer as (extent, instruction id, unit), for dependency tracking.
+
+    Queries ask which accesses overlap an extent; a long log (a weight read tile by tile, an
+    output written tile by tile) is kept in NumPy arrays so a query stays one vectorised pass,
+    with the newest CHUNK entries in a Python list.
+    """
+
+    CHUNK = 64
+
+    def __init__(self):
+        self.tail: list = []
+        self.n_frozen = 0
+        self.lo = self.hi = self.isbox = self.blo = self.bhi = self.iid = self.unit = self.alive = None
+
+    def __len__(self):
+        return len(self.tail) + (int(self.alive.sum()) if self.n_frozen else 0)
+
+    def entries(self):
+        """(iid, unit) of every live entry."""
+        out = [(i, u) for _, i, u in self.tail]
+        if self.n_frozen:
+            out += list(zip(self.iid[self.alive].tolist(), self.unit[self.alive].tolist()))
+        return out
+
+    def overlapping(self, ext) -> list[int]:
+        if ext[0] == "empty":
+            return []
+        hits = [i for e, i, _ in self.tail if extents_overlap(e, ext)]
+        if self.n_frozen:
+            hits += self.iid[self._overlap_mask(ext)].tolist()
+        return hits
+
+    def add(self, ext, iid: int, unit: int) -> None:
+        if ext[0] == "empty":
+            return
+        self.tail.append((ext, iid, unit))
+        if len(self.tail) >= self.CHUNK:
+            self._freeze()
+
+    def prune(self, ext, unit: int | None = None) -> None:
+        """Drop entries that ``ext`` covers (only those of ``unit`` when given)."""
+        if ext[0] == "empty":
+            return
+        self.tail = [
+            (e, i, u) for e, i, u in self.tail if not ((unit is None or u == unit) and extent_covers(ext, e))
+        ]
+        if self.n_frozen:
+            covered = self._cover_mask(ext)
+            if unit is not None:
+                covered &= self.unit == unit
+            self.alive &= ~covered
+
+    def _freeze(self):
+        exts = [e for e, _, _ in self.tail]
+        rank = next((len(e[3]) for e in exts if e[0] == "box"), 1)
+        lo = np.array([e[1] for e in exts], np.int64)
+        hi = np.array([e[2] for e in exts], np.int64)
+        isbox = np.array([e[0] == "box" for e in exts], np.bool_)
+        blo = np.zeros((len(exts), rank), np.int64)
+        bhi = np.zeros((len(exts), rank), np.int64)
+        for j, e in enumerate(exts):
+            if e[0] == "box":
+                blo[j] = [a for a, _ in e[3]]
+                bhi[j] = [b for _, b in e[3]]
+        iid = np.array([i for _, i, _ in self.tail], np.int64)
+        unit = np.array([u for _, _, u in self.tail], np.int64)
+        alive = np.ones(len(exts), np.bool_)
+        new = (lo, hi, isbox, blo, bhi, iid, unit, alive)
+        if self.n_frozen:
+            keep = self.alive
+            old = (self.lo, self.hi, self.isbox, self.blo, self.bhi, self.iid, self.unit, self.alive)
+            new = tuple(np.concatenate([o[keep], x]) for o, x in zip(old, new))
+        self.lo, self.hi, self.isbox, self.blo, self.bhi, self.iid, self.unit, self.alive = new
+        self.n_frozen = len(self.lo)
+        self.tail = []
+
+    def _overlap_mask(self, ext):
+        lin = (self.lo < ext[2]) & (ext[1] < self.hi)
+        if ext[0] == "box":
+            elo = np.array([a for a, _ in ext[3]], np.int64)
+            ehi = np.array([b for _, b in ext[3]], np.int64)
+            box = np.all((self.blo < ehi) & (elo < self.bhi), axis=1)
+            lin = np.where(self.isbox, box, lin)
+        return lin & self.alive
+
+    def _cover_mask(self, ext):
+        if ext[0] == "box":
+            elo = np.array([a for a, _ in ext[3]], np.int64)
+            ehi = np.array([b for _, b in ext[3]], np.int64)
+            return self.isbox & np.all((elo <= self.blo) & (self.bhi <= ehi), axis=1)
+        if ext[3]:  # dense linear interval: covers everything inside it
+            return (ext[1] <= self.lo) & (self.hi <= ext[2])
+        return np.zeros(self.n_frozen, np.bool_)

@@ -42,8 +42,6 @@ from .memory import (
     Buffer,
     View,
     check_dtype,
-    extent_covers,
-    extents_overlap,
     store_value,
 )
 
@@ -60,6 +58,7 @@ class InstructionStream:
     unit: np.ndarray  # int64 (n,)
     is_dma: np.ndarray  # bool (n,)
     dur: np.ndarray  # float64: compute cycles, or DMA latency
+    hide: np.ndarray  # float64: cycles skipped when issued back to back on its unit
     nbytes: np.ndarray  # float64: bytes a DMA moves (0 for compute)
     res: np.ndarray  # int64: shared resources a DMA touches (dma.RES_*)
     dep_ptr: np.ndarray  # int64 (n + 1,): deps of i are dep_idx[dep_ptr[i]:dep_ptr[i + 1]]
@@ -114,6 +113,7 @@ class KernelContext:
         # Instruction stream, appended to by _record.
         self._unit: list[int] = []
         self._dur: list[float] = []
+        self._hide: list[float] = []
         self._nbytes: list[int] = []
         self._res: list[int] = []
         self._deps: list[list[int]] = []
@@ -152,8 +152,7 @@ class KernelContext:
             raise KernelError(f"free {buf.name!r}: only SRAM buffers are freed by kernels")
         allocator = self._shared if buf.memory == SHARED else self._local[buf.engine]
         last = dict(buf.inherited)
-        for _, i in buf.reads + buf.writes:
-            u = self._unit[i]
+        for i, u in buf.reads.entries() + buf.writes.entries():
             last[u] = max(last.get(u, -1), i)
         self._retired.setdefault(id(allocator), []).append((buf.address, buf.nbytes, last))
         allocator.release(buf.address, buf.nbytes)
@@ -237,7 +236,9 @@ class KernelContext:
                 self._check_read(label, v)
             acc = dst.array() if accumulate else None
             self._write(dst, units.do_matmul(a.array(), b.array(), acc))
-        return self._record(3 * engine, "matmul", label, cycles, 0, 0, reads, [dst], after)
+        return self._record(
+            3 * engine, "matmul", label, cycles, 0, 0, reads, [dst], after, hide=self.config.mac_fill_drain
+        )
 
     def vector(self, op: str, dst, a, b=None, *, after=()) -> int:
         """Elementwise ``dst = op(a, b)`` on the vector unit; ``b`` a view that broadcasts
@@ -314,7 +315,7 @@ class KernelContext:
         dst.array()[...] = store_value(values, dst.dtype, self.numerics)
         dst.written_mask()[...] = True
 
-    def _record(self, unit, op, label, dur, nbytes, res, reads, writes, after) -> int:
+    def _record(self, unit, op, label, dur, nbytes, res, reads, writes, after, hide=0) -> int:
         iid = len(self._ops)
         deps: set[int] = set(int(a) for a in after)
         for a in after:
@@ -328,13 +329,9 @@ class KernelContext:
                 raise KernelError(f"{label}: {buf.name!r} was freed")
             ext = v.extent()
             extents.append(ext)
-            for e, i in buf.writes:
-                if extents_overlap(e, ext):
-                    deps.add(i)
+            deps.update(buf.writes.overlapping(ext))
             if is_write:
-                for e, i in buf.reads:
-                    if extents_overlap(e, ext):
-                        deps.add(i)
+                deps.update(buf.reads.overlapping(ext))
             deps.update(buf.inherited.values())
         # Keep, per unit, only the latest dependency; drop those on this unit (in order anyway).
         latest: dict[int, int] = {}
@@ -345,16 +342,17 @@ class KernelContext:
         for (v, is_write), ext in zip(tracked, extents):
             buf = v.buffer
             if is_write:
-                buf.writes = [(e, i) for e, i in buf.writes if not extent_covers(ext, e)]
-                buf.reads = [(e, i) for e, i in buf.reads if not extent_covers(ext, e)]
-                buf.writes.append((ext, iid))
+                # Later accesses that overlap a pruned entry overlap this write, which
+                # already waits for it.
+                buf.writes.prune(ext)
+                buf.reads.prune(ext)
+                buf.writes.add(ext, iid, unit)
             else:
-                buf.reads = [
-                    (e, i) for e, i in buf.reads if not (self._unit[i] == unit and extent_covers(ext, e))
-                ]
-                buf.reads.append((ext, iid))
+                buf.reads.prune(ext, unit)  # same unit, in order: the newer read suffices
+                buf.reads.add(ext, iid, unit)
         self._unit.append(unit)
         self._dur.append(float(dur))
+        self._hide.append(float(hide))
         self._nbytes.append(nbytes)
         self._res.append(res)
         self._deps.append(sorted(latest.values()))
@@ -386,6 +384,7 @@ class KernelContext:
             unit=np.array(self._unit, np.int64),
             is_dma=np.array([u >= self.first_dma_unit for u in self._unit], np.bool_),
             dur=np.array(self._dur, np.float64),
+            hide=np.array(self._hide, np.float64),
             nbytes=np.array(self._nbytes, np.float64),
             res=np.array(self._res, np.int64),
             dep_ptr=dep_ptr,

@@ -5,7 +5,9 @@ An event loop, jitted by Numba, over instructions in program order:
 * Every unit (an engine's matrix, vector or special-function unit; a DMA queue) takes its own
   instructions in program order.
 * An instruction starts when every instruction it depends on has finished.
-* A compute unit runs one instruction at a time for its fixed cost in cycles.
+* A compute unit runs one instruction at a time for its fixed cost in cycles; an instruction
+  that starts the very cycle the previous one on its unit ended skips its ``hide`` cycles
+  (the matrix unit's pipeline fill overlaps the previous instruction's drain).
 * A DMA queue issues up to ``dma_outstanding`` descriptors; each waits its latency, then moves
   its bytes once the descriptor before it on the queue has finished moving (data in order).
   While moving, a transfer goes at ``min(queue rate, resource rate / transfers on it)`` for
@@ -30,6 +32,7 @@ def _schedule(
     unit,
     is_dma,
     dur,
+    hide,
     nbytes,
     res,
     dep_ptr,
@@ -51,6 +54,7 @@ def _schedule(
     head = u_ptr[:-1].copy()  # next instruction to start, index into u_list
     first = u_ptr[:-1].copy()  # oldest unfinished (DMA queues)
     busy_end = np.full(n_units, -1.0)  # compute units: end of the running instruction
+    last_end = np.full(n_units, -1.0)  # compute units: end of the previous instruction
     busy = np.zeros(n_units)
     busy_since = np.full(n_units, -1.0)
     rate = np.zeros(n_units)
@@ -87,8 +91,11 @@ def _schedule(
                     if busy_since[u] < 0.0:
                         busy_since[u] = t
                 else:
-                    busy_end[u] = t + dur[i]
-                    busy[u] += dur[i]
+                    d = dur[i]
+                    if last_end[u] == t:
+                        d -= hide[i]  # back to back: fill overlaps the previous drain
+                    busy_end[u] = t + d
+                    busy[u] += d
         # 2. Transfers in their data phase: the oldest in flight on each queue, latency paid.
         for r in range(n_res):
             res_count[r] = 0
@@ -153,6 +160,7 @@ def _schedule(
             elif busy_end[u] >= 0.0 and busy_end[u] <= t:
                 i = u_list[head[u] - 1]
                 end[i] = busy_end[u]
+                last_end[u] = busy_end[u]
                 done[i] = True
                 n_done += 1
                 busy_end[u] = -1.0
@@ -193,6 +201,7 @@ def schedule(stream, cfg) -> Schedule:
         unit,
         stream.is_dma,
         stream.dur,
+        stream.hide,
         stream.nbytes,
         stream.res,
         stream.dep_ptr,
