@@ -36,6 +36,7 @@ from .errors import KernelError, UninitializedReadError
 from .memory import (
     DRAM,
     DTYPES,
+    HOST,
     LOCAL,
     SHARED,
     Allocator,
@@ -175,6 +176,16 @@ class KernelContext:
         """Allocate an output tensor in DRAM; return it from ``emit``."""
         buf = self.dram(shape, dtype, name=name)
         self.outputs.append(buf)
+        return buf
+
+    def host(self, shape, dtype: str | None = None, *, name: str = "host") -> Buffer:
+        """A buffer in host memory, reached by DMA over the host link (to and from DRAM)."""
+        dtype = check_dtype(dtype or self.dtype)
+        shape = tuple(int(s) for s in shape)
+        buf = Buffer(name, HOST, shape, dtype, 0, math.prod(shape) * DTYPES[dtype][0])
+        if self.execute:
+            buf.data = np.zeros(shape, dtype=DTYPES[dtype][1])
+            buf.written = np.ones(shape, np.bool_)
         return buf
 
     def dram(self, shape, dtype: str | None = None, *, name: str = "scratch") -> Buffer:

@@ -112,12 +112,8 @@ def choose_tiling(cfg, m: int, k: int, n: int, dtype: str = "bf16", out_dtype: s
     col_blocks = ceil_div(n, cfg.mac_cols)
     tks = sorted({_balanced(k, s, cfg.mac_rows) for s in _pow2_sizes(cfg.mac_rows, min(k, cfg.matmul_max_k))} | {min(k, cfg.matmul_max_k)})
     cands = []
-    for gm in range(1, cfg.num_engines + 1):
-        gn = cfg.num_engines // gm
-        if gm * gn != cfg.num_engines and gm != 1:
-            continue
-        if gm > m or gn > col_blocks:
-            continue
+    grids = {(gm, min(cfg.num_engines // gm, col_blocks)) for gm in range(1, min(cfg.num_engines, m) + 1)}
+    for gm, gn in sorted(grids):
         np_ = min(n, ceil_div(col_blocks, gn) * cfg.mac_cols)
         # Every width in whole MAC columns: an uneven last tile can shorten the drain.
         tns = set(range(cfg.mac_cols, min(np_, cfg.matmul_max_n) + 1, cfg.mac_cols))

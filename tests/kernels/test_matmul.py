@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emulator import NPU, TINY, round_bf16
+from emulator.dma import RES_DRAM
+from kernels.matmul import matmul, matmul_reference
+from tests.strategies import arrays, matmul_shapes, seeds
+
+# A small chip with four engines and eight queues, so the engine grid and the shared-SRAM
+# staging run at test sizes.
+TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
+CHIPS = st.sampled_from([TINY, TINY4])
+
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+U_FP32 = 2.0**-24
+
+
+def magnitude(a, b):
+    return np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+
+
+def roofline_moved(rep, cfg):
+    return max(rep.flops / cfg.peak_flops_per_cycle, rep.dram_bytes / cfg.dram_bytes_per_cycle)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=matmul_shapes(), seed=seeds, cfg=CHIPS)
+def test_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg):
+    m, k, n = shape
+    a, b = arrays((m, k), seed), arrays((k, n), seed + 1)
+    ref = matmul_reference(a, b)
+    reports = []
+    for mode in ("tile", "fast"):
+        out, rep = NPU(cfg, mode=mode, numerics="fp32").run(matmul, a, b)
+        # fp32 sums of K products in any order: |error| <= K * u32 * sum |a||b| (plus a little).
+        assert np.all(np.abs(out - ref) <= 2 * k * U_FP32 * magnitude(a, b) + 1e-30), mode
+        reports.append(rep)
+    tile, fast = reports
+    assert tile == fast  # identical cycle reports: same stream, same schedule
+    assert tile.flops == 2 * m * k * n
+    assert tile.cycles >= roofline_moved(tile, cfg)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=matmul_shapes(), seed=seeds, cfg=CHIPS)
+def test_bf16_within_bf16_tolerance(shape, seed, cfg):
+    m, k, n = shape
+    a, b = arrays((m, k), seed), arrays((k, n), seed + 1)
+    ref = matmul_reference(a, b)
+    for mode in ("tile", "fast"):
+        out, _ = NPU(cfg, mode=mode, numerics="bf16").run(matmul, a, b)
+        # Each input is rounded to bf16 (relative error u each, so 2u per product) and the
+        # output once more (u of |ref| <= sum |a||b|): 3u of sum |a||b| bounds it.
+        assert np.all(np.abs(out - ref) <= 3 * U_BF16 * magnitude(a, b) + 1e-30), mode
+        np.testing.assert_array_equal(out, round_bf16(out))  # what a bf16 tensor holds
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=matmul_shapes(), cfg=CHIPS)
+def test_report_bytes_equal_what_the_descriptors_moved(shape, cfg):
+    m, k, n = shape
+    rep = NPU(cfg).plan(matmul, [((m, k), "bf16"), ((k, n), "bf16")], {}).report
+    s = rep.stream
+    dma = s.is_dma
+    assert sum(rep.bytes_by_path.values()) == s.nbytes[dma].sum()
+    assert rep.dram_bytes == s.nbytes[dma & ((s.res & RES_DRAM) != 0)].sum()
+    # The output leaves once; each input arrives at least once.
+    assert rep.bytes_by_path["local->dram"] == m * n * 2
+    from_dram = rep.bytes_by_path.get("dram->local", 0) + rep.bytes_by_path.get("dram->shared", 0)
+    assert from_dram >= (m * k + k * n) * 2
+    assert rep.cycles >= roofline_moved(rep, cfg)
+    assert rep.io_bytes == (m * k + k * n + m * n) * 2
+
+
+@pytest.mark.parametrize("shape", [(8, 256, 256), (16, 128, 320)])
+def test_double_buffering_beats_single_buffering(shape):
+    m, k, n = shape
+    sig = [((m, k), "bf16"), ((k, n), "bf16")]
+    npu = NPU(TINY)
+    single = npu.plan(matmul, sig, {"depth": 1}).report
+    double = npu.plan(matmul, sig, {"depth": 2}).report
+    # DMA and compute are comparable here: one b tile takes about as long to load as to use.
+    busy = double.unit_busy
+    assert 0.3 < busy["engine0.matrix"] / sum(v for u, v in busy.items() if u.startswith("dma")) < 3
+    assert double.cycles < 0.85 * single.cycles
+
+
+def test_outputs_in_fp32_when_asked():
+    a, b = arrays((5, 40), 1), arrays((40, 7), 2)
+    out, rep = NPU(TINY, mode="tile", numerics="bf16").run(matmul, a, b, out_dtype="fp32")
+    ref = round_bf16(a).astype(np.float64) @ round_bf16(b)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert rep.bytes_by_path["local->dram"] == 5 * 7 * 4
