@@ -1,0 +1,47 @@
+"""Shared pieces of the benchmark scripts: one row per measured case, a table, --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOFLINE_FORMULA = "roofline cycles = max(FLOPs / peak FLOPs per cycle, compulsory DRAM bytes / DRAM bytes per cycle)"
+
+
+def row(name: str, report) -> dict:
+    d = report.to_dict()
+    return {
+        "name": name,
+        "cycles": d["cycles"],
+        "emulated_us": d["emulated_us"],
+        "flops": d["flops"],
+        "dram_bytes": d["dram_bytes"],
+        "roofline_cycles": d["roofline_cycles"],
+        "pct_of_roofline": d["pct_of_roofline"],
+        "utilisation": {k: round(v, 4) for k, v in d["utilisation"].items()},
+    }
+
+
+def print_rows(rows: list[dict], goal: float | None = None) -> None:
+    head = f"{'case':<34}{'cycles':>12}{'us':>10}{'GFLOP':>9}{'DRAM MB':>9}{'roofline':>10}{'%roof':>7}  util matrix/vector/dma/dram"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        u = r["utilisation"]
+        print(
+            f"{r['name']:<34}{r['cycles']:>12,}{r['emulated_us']:>10.2f}{r['flops'] / 1e9:>9.3f}"
+            f"{r['dram_bytes'] / 1e6:>9.2f}{r['roofline_cycles']:>10,.0f}{r['pct_of_roofline']:>7.1f}"
+            f"  {100 * u.get('matrix', 0):.0f}/{100 * u.get('vector', 0):.0f}/{100 * u.get('dma', 0):.0f}/{100 * u.get('dram', 0):.0f} %"
+        )
+    if goal is not None:
+        below = [r for r in rows if r["pct_of_roofline"] < goal]
+        print(f"\nrows below the {goal:.0f}% goal: {len(below)}")
+        for r in below:
+            print(f"  {r['name']}: {r['pct_of_roofline']:.1f}%")
+
+
+def emit_json(obj: dict) -> None:
+    print(json.dumps(obj))
