@@ -8,7 +8,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROOFLINE_FORMULA = "roofline cycles = max(FLOPs / peak FLOPs per cycle, compulsory DRAM bytes / DRAM bytes per cycle)"
+ROOFLINE_FORMULA = (
+    "roofline cycles = max(FLOPs / peak FLOPs per cycle, compulsory DRAM bytes / DRAM bytes per cycle)"
+)
 
 
 def row(name: str, report) -> dict:

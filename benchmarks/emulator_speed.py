@@ -47,7 +47,9 @@ def main():
     rows = []
     total_instr = total_sched = 0.0
     print(f"emulator speed on {cfg.name}\n")
-    print(f"{'case':<24}{'instr':>8}{'sched instr/s':>15}{'trace instr/s':>15}{'cycles':>12}{'fast cycles/s':>15}{'fast ms':>9}")
+    print(
+        f"{'case':<24}{'instr':>8}{'sched instr/s':>15}{'trace instr/s':>15}{'cycles':>12}{'fast cycles/s':>15}{'fast ms':>9}"
+    )
     for m, k, n in CASES:
         sig = [((m, k), "bf16"), ((k, n), "bf16")]
         matmul_tiling_warm = npu.plan(matmul, sig, {})  # autotune + first trace, not timed
@@ -55,7 +57,9 @@ def main():
         stream = report.stream
         t_sched = best_of(lambda stream=stream: schedule(stream, cfg))
         fresh = NPU(cfg)
-        t_trace = best_of(lambda fresh=fresh, sig=sig: (fresh._plans.clear(), fresh.plan(matmul, sig, {})), repeat=1)
+        t_trace = best_of(
+            lambda fresh=fresh, sig=sig: (fresh._plans.clear(), fresh.plan(matmul, sig, {})), repeat=1
+        )
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = npu.to_device(rng.standard_normal((k, n), dtype=np.float32), name="weights")
         t_fast = best_of(lambda a=a, b=b: npu.run(matmul, a, b))
@@ -73,9 +77,11 @@ def main():
         rows.append(r)
         total_instr += len(stream)
         total_sched += t_sched
-        print(f"{r['name']:<24}{len(stream):>8,}{r['scheduler_instructions_per_second']:>15,.0f}"
-              f"{r['trace_instructions_per_second']:>15,.0f}{report.cycles:>12,}"
-              f"{r['emulated_cycles_per_second']:>15.3g}{1e3 * t_fast:>9.1f}")
+        print(
+            f"{r['name']:<24}{len(stream):>8,}{r['scheduler_instructions_per_second']:>15,.0f}"
+            f"{r['trace_instructions_per_second']:>15,.0f}{report.cycles:>12,}"
+            f"{r['emulated_cycles_per_second']:>15.3g}{1e3 * t_fast:>9.1f}"
+        )
     # Tile mode: every instruction executed with its checks, on a smaller matmul.
     tile = NPU(cfg, mode="tile")
     m, k, n = 64, 1152, 1152
@@ -84,19 +90,37 @@ def main():
     tile.run(matmul, a, b)
     t_tile = best_of(lambda: tile.run(matmul, a, b), repeat=1)
     rep = tile.last_report
-    tile_row = {"name": f"tile matmul M={m} K={k} N={n}", "instructions": len(rep.stream), "cycles": rep.cycles,
-                "seconds": t_tile, "emulated_cycles_per_second": rep.cycles / t_tile,
-                "instructions_per_second": len(rep.stream) / t_tile}
+    tile_row = {
+        "name": f"tile matmul M={m} K={k} N={n}",
+        "instructions": len(rep.stream),
+        "cycles": rep.cycles,
+        "seconds": t_tile,
+        "emulated_cycles_per_second": rep.cycles / t_tile,
+        "instructions_per_second": len(rep.stream) / t_tile,
+    }
     ips = total_instr / total_sched
-    print(f"\nscheduler: {ips:,.0f} instructions per wall-second over {total_instr:,.0f} instructions (goal >= 1,000,000)")
+    print(
+        f"\nscheduler: {ips:,.0f} instructions per wall-second over {total_instr:,.0f} instructions (goal >= 1,000,000)"
+    )
     best_fast = max(r["emulated_cycles_per_second"] for r in rows)
-    print(f"fast mode: {best_fast:.3g} emulated cycles per wall-second at best (goal >= 1e8); the host's NumPy "
-          "math bounds it: the emulated chip does 32.8 TFLOPS and 256 GB/s, this host far less")
-    print(f"tile mode: {tile_row['emulated_cycles_per_second']:.3g} emulated cycles per wall-second "
-          f"({tile_row['instructions_per_second']:,.0f} instructions/s executed with every check)")
+    print(
+        f"fast mode: {best_fast:.3g} emulated cycles per wall-second at best (goal >= 1e8); the host's NumPy "
+        "math bounds it: the emulated chip does 32.8 TFLOPS and 256 GB/s, this host far less"
+    )
+    print(
+        f"tile mode: {tile_row['emulated_cycles_per_second']:.3g} emulated cycles per wall-second "
+        f"({tile_row['instructions_per_second']:,.0f} instructions/s executed with every check)"
+    )
     if args.json:
-        emit_json({"npu": cfg.name, "instructions_per_second": ips,
-                   "emulated_cycles_per_second": best_fast, "rows": rows, "tile": tile_row})
+        emit_json(
+            {
+                "npu": cfg.name,
+                "instructions_per_second": ips,
+                "emulated_cycles_per_second": best_fast,
+                "rows": rows,
+                "tile": tile_row,
+            }
+        )
 
 
 if __name__ == "__main__":

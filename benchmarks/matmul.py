@@ -1,6 +1,6 @@
 """Matmul on the atom preset at Gemma3 linear shapes: cycles, % of roofline, utilisation.
 
-    python benchmarks/matmul.py [--npu atom] [--trace DIR] [--json]
+python benchmarks/matmul.py [--npu atom] [--trace DIR] [--json]
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def main():
     args = ap.parse_args()
     npu = NPU(args.npu)
     cfg = npu.config
-    print(f"matmul on {cfg.name}: {cfg.num_engines} engines, {cfg.peak_tflops:.1f} TFLOPS, "
-          f"{cfg.dram_bytes_per_cycle * cfg.clock_hz / 1e9:.0f} GB/s DRAM, bf16")
+    print(
+        f"matmul on {cfg.name}: {cfg.num_engines} engines, {cfg.peak_tflops:.1f} TFLOPS, "
+        f"{cfg.dram_bytes_per_cycle * cfg.clock_hz / 1e9:.0f} GB/s DRAM, bf16"
+    )
     print(ROOFLINE_FORMULA + "\n")
     rows = []
     t0 = time.perf_counter()

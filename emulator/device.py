@@ -230,8 +230,7 @@ class NPU:
         results = list(results) if isinstance(results, (tuple, list)) else [results]
         if len(results) != len(plan.outputs):
             raise KernelError(
-                f"kernel {kernel.name!r}: fast returned {len(results)} outputs, emit made "
-                f"{len(plan.outputs)}"
+                f"kernel {kernel.name!r}: fast returned {len(results)} outputs, emit made {len(plan.outputs)}"
             )
         outputs = []
         for r, (name, shape, dtype) in zip(results, plan.outputs):

@@ -210,9 +210,7 @@ class View:
         return _strided(self.buffer.written, self)
 
     def __repr__(self):
-        return (
-            f"View({self.name!r}, offset={self.offset}, shape={self.shape}, strides={self.strides})"
-        )
+        return f"View({self.name!r}, offset={self.offset}, shape={self.shape}, strides={self.strides})"
 
 
 def _strided(flat_source: np.ndarray, view: View) -> np.ndarray:

@@ -125,7 +125,15 @@ class KernelContext:
 
     # ----------------------------------------------------------------- memory
 
-    def alloc(self, shape, dtype: str | None = None, *, engine: int = 0, shared: bool = False, name: str | None = None) -> Buffer:
+    def alloc(
+        self,
+        shape,
+        dtype: str | None = None,
+        *,
+        engine: int = 0,
+        shared: bool = False,
+        name: str | None = None,
+    ) -> Buffer:
         """Allocate an SRAM buffer: local SRAM of ``engine``, or the shared SRAM."""
         dtype = check_dtype(dtype or self.dtype)
         shape = tuple(int(s) for s in shape)
@@ -134,7 +142,9 @@ class KernelContext:
             allocator, memory, engine = self._shared, SHARED, None
         else:
             if engine not in self.engines:
-                raise KernelError(f"alloc {name!r}: engine {engine} does not exist ({len(self.engines)} engines)")
+                raise KernelError(
+                    f"alloc {name!r}: engine {engine} does not exist ({len(self.engines)} engines)"
+                )
             allocator, memory = self._local[engine], LOCAL
         address, size = allocator.allocate(name, shape, dtype)
         buf = Buffer(name, memory, shape, dtype, address, size, engine=engine)
@@ -231,7 +241,9 @@ class KernelContext:
             self._check_read(label, src)
             dst.array()[...] = store_value(src.array(), dst.dtype, self.numerics)
             dst.written_mask()[...] = True
-        return self._record(self.first_dma_unit + queue, "dma", label, latency, nbytes, res, [src], [dst], after)
+        return self._record(
+            self.first_dma_unit + queue, "dma", label, latency, nbytes, res, [src], [dst], after
+        )
 
     def matmul(self, dst, a, b, *, accumulate: bool = False, after=()) -> int:
         """``dst (M, N) = a (M, K) @ b (K, N)`` in fp32, or ``+=`` with ``accumulate``."""
@@ -288,7 +300,9 @@ class KernelContext:
         iid = len(self._ops)
         label = f"activation.{func} #{iid} {src.name} -> {dst.name}"
         engine = self._engine(label, dst, src, *([bias_view] if bias_view is not None else []))
-        cycles = units.check_activation(self.config, label, func, dst, src, bias_view if bias_view is not None else bias)
+        cycles = units.check_activation(
+            self.config, label, func, dst, src, bias_view if bias_view is not None else bias
+        )
         reads = [src] + ([bias_view] if bias_view is not None else [])
         if self.execute:
             for v in reads:

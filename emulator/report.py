@@ -70,10 +70,7 @@ class CycleReport:
         for unit, busy in self.unit_busy.items():
             kind = "dma" if unit.startswith("dma.") else unit.split(".")[1]
             groups.setdefault(kind, []).append(busy)
-        out = {
-            kind: (sum(b) / (len(b) * self.cycles) if self.cycles else 0.0)
-            for kind, b in groups.items()
-        }
+        out = {kind: (sum(b) / (len(b) * self.cycles) if self.cycles else 0.0) for kind, b in groups.items()}
         out["dram"] = self.dram_bytes / (self.cycles * self.dram_bytes_per_cycle) if self.cycles else 0.0
         return out
 
@@ -153,10 +150,16 @@ class CycleReport:
         ]
         util = self.utilisation()
         for kind in ("matrix", "vector", "sfu", "dma"):
-            members = {u: b for u, b in self.unit_busy.items() if (u.startswith("dma.") if kind == "dma" else u.endswith("." + kind))}
+            members = {
+                u: b
+                for u, b in self.unit_busy.items()
+                if (u.startswith("dma.") if kind == "dma" else u.endswith("." + kind))
+            }
             if not members:
                 continue
-            lines.append(f"  {kind + f' (x{len(members)})':<18}{sum(members.values()):>14,}{100 * util[kind]:>7.1f}%")
+            lines.append(
+                f"  {kind + f' (x{len(members)})':<18}{sum(members.values()):>14,}{100 * util[kind]:>7.1f}%"
+            )
             for u, b in members.items():
                 if b:
                     lines.append(f"    {u:<16}{b:>14,}{100 * b / max(self.cycles, 1):>7.1f}%")
@@ -165,7 +168,9 @@ class CycleReport:
         lines.append("  bytes moved")
         for path, b in sorted(self.bytes_by_path.items()):
             lines.append(f"    {path:<16}{_fmt_bytes(b):>16}")
-        lines.append(f"    {'DRAM total':<16}{_fmt_bytes(self.dram_bytes):>16}  (compulsory {_fmt_bytes(self.io_bytes)})")
+        lines.append(
+            f"    {'DRAM total':<16}{_fmt_bytes(self.dram_bytes):>16}  (compulsory {_fmt_bytes(self.io_bytes)})"
+        )
         peak_local = max(self.peak_local_sram, default=0)
         lines.append(
             f"  peak SRAM        local {_fmt_bytes(peak_local)} of {_fmt_bytes(self.local_sram_bytes)} "

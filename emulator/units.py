@@ -68,9 +68,7 @@ def check_matmul(cfg: NPUConfig, instr: str, dst, a, b) -> tuple[int, int]:
             raise OperandShapeError(f"{instr}: operand {role} {v.name!r} must be 2-D, got {v.shape}")
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2 or dst.shape != (m, n):
-        raise OperandShapeError(
-            f"{instr}: shapes do not chain: a {a.shape} @ b {b.shape} -> dst {dst.shape}"
-        )
+        raise OperandShapeError(f"{instr}: shapes do not chain: a {a.shape} @ b {b.shape} -> dst {dst.shape}")
     if 0 in (m, k, n):
         raise OperandShapeError(f"{instr}: zero-size operand (M, K, N) = ({m}, {k}, {n})")
     _limit(instr, "M (rows of a)", m, cfg.matmul_max_m, "matmul_max_m")

@@ -105,12 +105,17 @@ TRIALS = 10  # candidates scheduled per shape
 
 
 @functools.lru_cache(maxsize=512)
-def choose_tiling(cfg, m: int, k: int, n: int, dtype: str = "bf16", out_dtype: str = "bf16", depth: int = 2) -> Tiling:
+def choose_tiling(
+    cfg, m: int, k: int, n: int, dtype: str = "bf16", out_dtype: str = "bf16", depth: int = 2
+) -> Tiling:
     """Pick the engine grid and tiles: rank candidates by a cost estimate, then schedule the
     best few (no values, trace only) and keep the fastest."""
     esz, out_esz = DTYPE_BYTES[dtype], DTYPE_BYTES[out_dtype]
     col_blocks = ceil_div(n, cfg.mac_cols)
-    tks = sorted({_balanced(k, s, cfg.mac_rows) for s in _pow2_sizes(cfg.mac_rows, min(k, cfg.matmul_max_k))} | {min(k, cfg.matmul_max_k)})
+    tks = sorted(
+        {_balanced(k, s, cfg.mac_rows) for s in _pow2_sizes(cfg.mac_rows, min(k, cfg.matmul_max_k))}
+        | {min(k, cfg.matmul_max_k)}
+    )
     cands = []
     grids = {(gm, min(cfg.num_engines // gm, col_blocks)) for gm in range(1, min(cfg.num_engines, m) + 1)}
     for gm, gn in sorted(grids):
@@ -207,7 +212,7 @@ class _Stager:
 
 def _emit_tiled(k, a, b, out_dtype: str, t: Tiling):
     cfg = k.config
-    (m, kk), n = a.shape, b.shape[1]
+    m, n = a.shape[0], b.shape[1]
     out = k.output((m, n), out_dtype, name="out")
     mp, np_ = t.blocks(cfg, m, n)
     stage_a = _Stager(k, a, 1, t.tk, "a_shared") if t.stage_a else None
@@ -220,8 +225,13 @@ def _emit_tiled(k, a, b, out_dtype: str, t: Tiling):
             m0, m1 = gi * mp, min(m, (gi + 1) * mp)
             n0, n1 = gj * np_, min(n, (gj + 1) * np_)
             if m0 < m1 and n0 < n1:
-                queues = ((engine * per_engine) % cfg.dma_queues, (engine * per_engine + per_engine - 1) % cfg.dma_queues)
-                programs.append(_engine_program(k, engine, a, b, out, stage_a, stage_b, (m0, m1), (n0, n1), t, queues))
+                queues = (
+                    (engine * per_engine) % cfg.dma_queues,
+                    (engine * per_engine + per_engine - 1) % cfg.dma_queues,
+                )
+                programs.append(
+                    _engine_program(k, engine, a, b, out, stage_a, stage_b, (m0, m1), (n0, n1), t, queues)
+                )
             engine += 1
     # Interleave the engines' programs step by step (program order is issue order per queue).
     while programs:

@@ -35,7 +35,10 @@ def test_config_is_frozen():
         ({"dram_bytes_per_cycle": -1.0}, "NPUConfig.dram_bytes_per_cycle must be positive"),
         ({"sram_alignment": 48}, "NPUConfig.sram_alignment must be a power of two, got 48"),
         ({"matmul_max_k": 32}, "must hold at least one MAC block (64 x 32)"),
-        ({"local_sram_bytes": 1000}, "NPUConfig.local_sram_bytes = 1000 is not a multiple of sram_alignment = 64"),
+        (
+            {"local_sram_bytes": 1000},
+            "NPUConfig.local_sram_bytes = 1000 is not a multiple of sram_alignment = 64",
+        ),
     ],
 )
 def test_config_checks_name_field_and_value(change, message):

@@ -26,7 +26,14 @@ def run(emit, *inputs, mode="tile"):
 
 
 def test_errors_share_one_base_class():
-    for cls in (AllocationError, OutOfBoundsError, OperandShapeError, DTypeMismatchError, UninitializedReadError, KernelError):
+    for cls in (
+        AllocationError,
+        OutOfBoundsError,
+        OperandShapeError,
+        DTypeMismatchError,
+        UninitializedReadError,
+        KernelError,
+    ):
         assert issubclass(cls, EmulatorError)
 
 
@@ -92,7 +99,10 @@ def test_matmul_operand_beyond_unit_limit():
         k.matmul(acc, a, b)
         return k.output(x.shape)
 
-    with pytest.raises(OperandShapeError, match=rf"K \(contraction\) = {TINY.matmul_max_k + 1} exceeds the unit's limit {TINY.matmul_max_k}"):
+    with pytest.raises(
+        OperandShapeError,
+        match=rf"K \(contraction\) = {TINY.matmul_max_k + 1} exceeds the unit's limit {TINY.matmul_max_k}",
+    ):
         run(emit, X, mode="fast")
 
 
@@ -104,7 +114,10 @@ def test_vector_operand_beyond_unit_limit_and_bad_shapes():
         k.vector("add", t, t, 1.0)
         return k.output(x.shape)
 
-    with pytest.raises(OperandShapeError, match=rf"operand elements = {n} exceeds the unit's limit {TINY.vector_max_elements}"):
+    with pytest.raises(
+        OperandShapeError,
+        match=rf"operand elements = {n} exceeds the unit's limit {TINY.vector_max_elements}",
+    ):
         run(too_big, X, mode="fast")
 
     def mismatch(k, x):
@@ -112,7 +125,9 @@ def test_vector_operand_beyond_unit_limit_and_bad_shapes():
         k.vector("add", a, a, b)
         return k.output(x.shape)
 
-    with pytest.raises(OperandShapeError, match=r"operand b 'b' of shape \(3, 4\) does not broadcast to \(4, 4\)"):
+    with pytest.raises(
+        OperandShapeError, match=r"operand b 'b' of shape \(3, 4\) does not broadcast to \(4, 4\)"
+    ):
         run(mismatch, X, mode="fast")
 
 
@@ -174,7 +189,9 @@ def test_dtype_mismatch_in_dma_and_matmul():
         k.matmul(acc, a, b)
         return k.output(x.shape)
 
-    with pytest.raises(DTypeMismatchError, match=r"accumulator 'acc' is bf16; the matrix unit accumulates in fp32"):
+    with pytest.raises(
+        DTypeMismatchError, match=r"accumulator 'acc' is bf16; the matrix unit accumulates in fp32"
+    ):
         run(bf16_acc, X, mode="fast")
 
 
@@ -190,7 +207,9 @@ def test_kernel_contract_errors():
     def unwritten(k, x):
         return k.output(x.shape, name="result")
 
-    with pytest.raises(KernelError, match=re.escape("left output 'result' (8, 8) unwritten, first at index (0, 0)")):
+    with pytest.raises(
+        KernelError, match=re.escape("left output 'result' (8, 8) unwritten, first at index (0, 0)")
+    ):
         run(unwritten, X, mode="tile")
 
     def no_queue(k, x):

@@ -20,7 +20,16 @@ def scale_kernel():
 def test_report_prints_a_readable_table():
     _, rep = NPU(TINY, mode="tile").run(scale_kernel(), np.zeros((8, 8), np.float32))
     text = str(rep)
-    for part in ("CycleReport 'scale_exp' on tiny", "total", "roofline", "sfu (x1)", "dma.q0", "dram->local", "peak SRAM", "activation.exp 1"):
+    for part in (
+        "CycleReport 'scale_exp' on tiny",
+        "total",
+        "roofline",
+        "sfu (x1)",
+        "dma.q0",
+        "dram->local",
+        "peak SRAM",
+        "activation.exp 1",
+    ):
         assert part in text, part
     d = rep.to_dict()
     assert d["cycles"] == rep.cycles and d["emulated_us"] == rep.cycles / TINY.clock_hz * 1e6
