@@ -34,7 +34,9 @@ class Kernel:
 
     emit(k, *inputs, **consts): issue the tiled program on ``k`` (a ``KernelContext``); the
         inputs are DRAM ``Buffer``s; return the output buffer(s) made with ``k.output``.
-    fast(*arrays, **consts): the same math on whole NumPy arrays (fast mode).
+    fast(*arrays, **consts): the same math on whole NumPy arrays (fast mode); returns the
+        outputs, or None for a kernel that only updates inputs in place (a KV-cache write):
+        it then updates the arrays it was given, as the tiled program writes the DRAM tensors.
     reference(*arrays, **consts): the plain NumPy definition tests compare against.
     """
 
@@ -227,6 +229,8 @@ class NPU:
     def _run_fast(self, kernel, tensors, consts):
         plan = self.plan(kernel, [(t.shape, t.dtype) for t in tensors], consts)
         results = kernel.fast(*(t.buffer.data for t in tensors), **consts)
+        if results is None:  # a kernel that only updates its inputs in place
+            results = []
         results = list(results) if isinstance(results, (tuple, list)) else [results]
         if len(results) != len(plan.outputs):
             raise KernelError(

@@ -31,13 +31,29 @@ ALLOWED = {
 }
 
 
-def check_dma(cfg: NPUConfig, instr: str, dst, src) -> tuple[int, int, int]:
-    """Validate a descriptor; return (latency cycles, bytes, resource flags)."""
-    if (src.buffer.memory, dst.buffer.memory) not in ALLOWED:
+def route(cfg: NPUConfig, instr: str, src_memory: str, dst_memory: str) -> tuple[int, int]:
+    """Latency and shared-resource flags of a transfer between two memories."""
+    if (src_memory, dst_memory) not in ALLOWED:
+        names = {HOST: "host memory", DRAM: "DRAM", SHARED: "shared SRAM", LOCAL: "local SRAM"}
         raise KernelError(
-            f"{instr}: no DMA path from {src.buffer.where} to {dst.buffer.where} "
+            f"{instr}: no DMA path from {names[src_memory]} to {names[dst_memory]} "
             "(host memory reaches SRAM only through DRAM)"
         )
+    levels = {src_memory, dst_memory}
+    res = (RES_DRAM if DRAM in levels else 0) | (RES_SHARED if SHARED in levels else 0)
+    res |= RES_HOST if HOST in levels else 0
+    if HOST in levels:
+        latency = cfg.dma_host_latency
+    elif DRAM in levels:
+        latency = cfg.dma_dram_latency
+    else:
+        latency = cfg.dma_sram_latency
+    return latency, res
+
+
+def check_dma(cfg: NPUConfig, instr: str, dst, src) -> tuple[int, int, int]:
+    """Validate a descriptor; return (latency cycles, bytes, resource flags)."""
+    latency, res = route(cfg, instr, src.buffer.memory, dst.buffer.memory)
     if src.shape != dst.shape:
         raise OperandShapeError(
             f"{instr}: source {src.name!r} region {src.shape} and destination {dst.name!r} "
@@ -60,22 +76,4 @@ def check_dma(cfg: NPUConfig, instr: str, dst, src) -> tuple[int, int, int]:
             f"{instr}: source {src.name!r} is {src.dtype} but destination {dst.name!r} is "
             f"{dst.dtype}; a DMA copies bytes and does not convert (cast on the vector unit)"
         )
-    levels = {src.buffer.memory, dst.buffer.memory}
-    res = 0
-    if DRAM in levels:
-        res |= RES_DRAM
-    if SHARED in levels:
-        res |= RES_SHARED
-    if HOST in levels:
-        res |= RES_HOST
-    if HOST in levels:
-        latency = cfg.dma_host_latency
-    elif DRAM in levels:
-        latency = cfg.dma_dram_latency
-    else:
-        latency = cfg.dma_sram_latency
     return latency, src.nbytes, res
-
-
-def do_dma(dst_arr, src_arr, store):
-    dst_arr[...] = store(src_arr)

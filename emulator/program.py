@@ -32,7 +32,13 @@ import numpy as np
 from . import dma as dma_mod
 from . import units
 from .config import NPUConfig
-from .errors import KernelError, UninitializedReadError
+from .errors import (
+    DTypeMismatchError,
+    KernelError,
+    OperandShapeError,
+    OutOfBoundsError,
+    UninitializedReadError,
+)
 from .memory import (
     DRAM,
     DTYPES,
@@ -291,6 +297,116 @@ class KernelContext:
             self._check_read(label, src)
             self._write(dst, units.do_reduce(op, src.array()))
         return self._record(3 * engine + 1, f"reduce.{op}", label, cycles, 0, 0, [src], [dst], after)
+
+    def select(
+        self, dst, src, *, offset: int, row_coef: int, col_coef: int, fill: float = float("-inf"), after=()
+    ) -> int:
+        """Masking on the vector unit (an affine select): ``dst[..., i, j] = src[..., i, j]``
+        where ``offset + row_coef * i + col_coef * j >= 0``, else ``fill``. With i a query row
+        and j a key column, one select draws a causal or sliding-window edge."""
+        dst, src = _as_view(dst), _as_view(src)
+        iid = len(self._ops)
+        label = f"vector.select #{iid} {src.name} -> {dst.name}"
+        engine = self._engine(label, dst, src)
+        cycles = units.check_select(self.config, label, dst, src)
+        if self.execute:
+            self._check_read(label, src)
+            self._write(dst, units.do_select(src.array(), offset, row_coef, col_coef, fill))
+        return self._record(3 * engine + 1, "vector.select", label, cycles, 0, 0, [src], [dst], after)
+
+    def gather(self, dst, table, indices, *, queue: int = 0, after=()) -> int:
+        """Indirect DMA: ``dst[r] = table[indices[r]]`` for each row r. ``table`` (V, D) in
+        DRAM, ``indices`` (n,) int32 in local SRAM (the DMA engine reads them there), ``dst``
+        (n, D) in SRAM. Costs like a descriptor moving n rows."""
+        dst, table, indices = _as_view(dst), _as_view(table), _as_view(indices)
+        iid = len(self._ops)
+        label = f"gather #{iid} {table.name}[{indices.name}] -> {dst.name}"
+        self._check_indirect(label, queue, table, indices, dst)
+        latency, res = dma_mod.route(self.config, label, table.buffer.memory, dst.buffer.memory)
+        nbytes = dst.nbytes
+        path = f"{table.buffer.memory}->{dst.buffer.memory}"
+        self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + nbytes
+        if self.execute:
+            self._check_read(label, indices)
+            idx = self._checked_indices(label, indices, table)
+            unwritten = ~table.written_mask()[idx]
+            if unwritten.any():
+                r, c = (int(v) for v in np.argwhere(unwritten)[0])
+                raise UninitializedReadError(
+                    f"{label} reads row {int(idx[r])} of {table.name!r} ({table.buffer.where}) at column {c}, "
+                    "which no instruction has written"
+                )
+            rows_read = table.array()[idx]
+            dst.array()[...] = store_value(rows_read, dst.dtype, self.numerics)
+            dst.written_mask()[...] = True
+        return self._record(
+            self.first_dma_unit + queue, "gather", label, latency, nbytes, res, [indices, table], [dst], after
+        )
+
+    def scatter(self, table, indices, src, *, queue: int = 0, after=()) -> int:
+        """Indirect DMA: ``table[indices[r]] = src[r]`` for each row r (e.g. new keys into
+        a KV cache at data-dependent slots). ``table`` (V, D) in DRAM, ``indices`` (n,) int32 in
+        local SRAM, ``src`` (n, D) in SRAM. Rows are written in order (a repeated index keeps
+        the last)."""
+        table, indices, src = _as_view(table), _as_view(indices), _as_view(src)
+        iid = len(self._ops)
+        label = f"scatter #{iid} {src.name} -> {table.name}[{indices.name}]"
+        self._check_indirect(label, queue, table, indices, src)
+        latency, res = dma_mod.route(self.config, label, src.buffer.memory, table.buffer.memory)
+        nbytes = src.nbytes
+        path = f"{src.buffer.memory}->{table.buffer.memory}"
+        self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + nbytes
+        if self.execute:
+            self._check_read(label, indices)
+            self._check_read(label, src)
+            idx = self._checked_indices(label, indices, table)
+            tab, mask = table.array(), table.written_mask()
+            vals = store_value(src.array(), table.dtype, self.numerics)
+            for r, i in enumerate(idx):
+                tab[i] = vals[r]
+                mask[i] = True
+        return self._record(
+            self.first_dma_unit + queue,
+            "scatter",
+            label,
+            latency,
+            nbytes,
+            res,
+            [indices, src],
+            [table],
+            after,
+        )
+
+    def _check_indirect(self, label, queue, table, indices, rows):
+        if not 0 <= queue < self.config.dma_queues:
+            raise KernelError(f"{label}: queue {queue} does not exist ({self.config.dma_queues} queues)")
+        if table.buffer.memory != DRAM or len(table.shape) != 2:
+            raise KernelError(
+                f"{label}: the table must be a 2-D DRAM region, got {table.shape} in {table.buffer.where}"
+            )
+        if indices.dtype != "int32" or len(indices.shape) != 1 or indices.buffer.memory != LOCAL:
+            raise DTypeMismatchError(
+                f"{label}: indices must be a 1-D int32 region of local SRAM, got {indices.shape} "
+                f"{indices.dtype} in {indices.buffer.where}"
+            )
+        if rows.shape != (indices.shape[0], table.shape[1]):
+            raise OperandShapeError(
+                f"{label}: rows {rows.shape} must be (indices {indices.shape[0]}, table width {table.shape[1]})"
+            )
+        if rows.dtype != table.dtype:
+            raise DTypeMismatchError(
+                f"{label}: table {table.name!r} is {table.dtype}, rows {rows.name!r} are {rows.dtype}"
+            )
+
+    def _checked_indices(self, label, indices, table):
+        idx = indices.array()
+        bad = (idx < 0) | (idx >= table.shape[0])
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise OutOfBoundsError(
+                f"{label}: index {int(idx[r])} at row {r} is outside table {table.name!r} of {table.shape[0]} rows"
+            )
+        return idx
 
     def activation(self, func: str, dst, src, *, scale: float = 1.0, bias=None, after=()) -> int:
         """``dst = func(src * scale + bias)`` on the special-function unit; ``bias`` a scalar

@@ -32,7 +32,7 @@ VECTOR_UNARY = {
     "abs": np.abs,
     "square": np.square,
 }
-REDUCE = {"sum": np.sum, "max": np.max, "min": np.min}
+REDUCE = {"sum": np.sum, "max": np.max, "min": np.min, "argmax": np.argmax}
 
 
 def _gelu_tanh(x):
@@ -132,7 +132,12 @@ def check_vector(cfg: NPUConfig, instr: str, op: str, dst, a, b) -> int:
 def check_reduce(cfg: NPUConfig, instr: str, op: str, dst, src) -> int:
     if op not in REDUCE:
         raise OperandShapeError(f"{instr}: unknown reduction {op!r}; reductions: {sorted(REDUCE)}")
-    _check_float(instr, dst, src)
+    if op == "argmax":
+        _check_float(instr, src)
+        if dst.dtype != "int32":
+            raise DTypeMismatchError(f"{instr}: argmax writes int32 indices, dst {dst.name!r} is {dst.dtype}")
+    else:
+        _check_float(instr, dst, src)
     want = src.shape[:-1] + (1,)
     if not src.shape or dst.shape != want:
         raise OperandShapeError(
@@ -172,7 +177,27 @@ def do_vector(op, a, b):
 
 
 def do_reduce(op, src):
+    if op == "argmax":  # first index of the maximum, as np.argmax
+        return np.argmax(src, axis=-1, keepdims=True).astype(np.int32)
     return REDUCE[op](src, axis=-1, keepdims=True)
+
+
+def check_select(cfg: NPUConfig, instr: str, dst, src) -> int:
+    _check_float(instr, dst, src)
+    if len(src.shape) < 2 or src.shape != dst.shape:
+        raise OperandShapeError(
+            f"{instr}: select needs src and dst of one shape with at least 2 axes, got "
+            f"{src.shape} -> {dst.shape}"
+        )
+    return _elementwise_cost(cfg, instr, dst.size, cfg.vector_lanes, cfg.vector_latency)
+
+
+def do_select(src, offset, row_coef, col_coef, fill):
+    """Keep src[..., i, j] where offset + row_coef * i + col_coef * j >= 0, else fill."""
+    i = np.arange(src.shape[-2])[:, None]
+    j = np.arange(src.shape[-1])[None, :]
+    keep = offset + row_coef * i + col_coef * j >= 0
+    return np.where(keep, src, np.float32(fill))
 
 
 def do_activation(func, src, scale, bias):
