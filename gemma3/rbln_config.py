@@ -1,0 +1,153 @@
+"""Compile-time configuration of a model on the NPU, as Optimum RBLN's ``RBLN*Config`` classes.
+
+Fields are checked at construction and a bad one raises ``ValueError`` naming the field and
+the value; unknown fields raise too. ``load(path, **kwargs)`` reads ``rbln_config.json`` and
+lets ``rbln_``-prefixed kwargs (``rbln_max_seq_len=512``) override saved values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+
+from emulator import NPUConfig, get_preset
+
+CONFIG_NAME = "rbln_config.json"
+
+
+def strip_rbln(kwargs: dict) -> tuple[dict, dict]:
+    """Split kwargs into (config fields from ``rbln_*`` keys, everything else)."""
+    ours = {k[len("rbln_") :]: v for k, v in kwargs.items() if k.startswith("rbln_")}
+    rest = {k: v for k, v in kwargs.items() if not k.startswith("rbln_")}
+    return ours, rest
+
+
+def _positive_int(name, value, *, allow_none=True):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class NPUModelConfig:
+    """Fields every model shares; subclasses add their own."""
+
+    batch_size: int = 1  # sequences decoded together (the compiled decode batch)
+    npu: str | NPUConfig = "atom"  # chip preset name or an NPUConfig
+    mode: str = "fast"  # "fast" (whole-operator math, cached schedules) or "tile" (every instruction)
+    numerics: str = "bf16"  # "bf16" (device rounding) or "fp32" (reference numerics)
+
+    def __post_init__(self):
+        _positive_int("batch_size", self.batch_size, allow_none=False)
+        if isinstance(self.npu, dict):
+            self.npu = NPUConfig.from_dict(self.npu)
+        try:
+            get_preset(self.npu)
+        except ValueError as e:
+            raise ValueError(f"npu: {e}") from None
+        if self.mode not in ("fast", "tile"):
+            raise ValueError(f"mode must be 'fast' or 'tile', got {self.mode!r}")
+        if self.numerics not in ("bf16", "fp32"):
+            raise ValueError(f"numerics must be 'bf16' or 'fp32', got {self.numerics!r}")
+
+    @property
+    def npu_config(self) -> NPUConfig:
+        return get_preset(self.npu)
+
+    @classmethod
+    def from_any(cls, value=None, **overrides):
+        """A config from None, a dict or an instance, with field overrides applied."""
+        if value is None:
+            value = {}
+        if isinstance(value, cls):
+            value = value.to_dict()
+        if not isinstance(value, dict):
+            raise TypeError(f"rbln_config must be a dict or {cls.__name__}, got {type(value).__name__}")
+        return cls.create({**value, **overrides})
+
+    @classmethod
+    def create(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(d["npu"], NPUConfig):
+            d["npu"] = d["npu"].to_dict()
+        return d
+
+    def save(self, directory) -> str:
+        path = os.path.join(os.fspath(directory), CONFIG_NAME)
+        doc = {"class": type(self).__name__, **self.to_dict()}
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path, **kwargs):
+        """Read ``rbln_config.json`` (a file or the directory holding it); ``rbln_*`` kwargs
+        override saved values."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        saved_class = doc.pop("class", cls.__name__)
+        if saved_class not in (cls.__name__, cls.__name__.replace("NPU", "RBLN")):
+            raise ValueError(f"{path} holds a {saved_class}, not a {cls.__name__}")
+        overrides, rest = strip_rbln(kwargs)
+        unknown = sorted(rest)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.load: unexpected keyword argument(s) {unknown} (use the rbln_ prefix)")
+        return cls.create({**doc, **overrides})
+
+
+@dataclass
+class NPUGemma3ForCausalLMConfig(NPUModelConfig):
+    max_seq_len: int | None = None  # longest prompt + generation; None: max_position_embeddings
+    prefill_chunk_size: int = 256  # prompt tokens per prefill step; positive, divisible by 64
+    image_prefill_chunk_size: int | None = None  # must equal mm_tokens_per_image when set
+    use_position_ids: bool | None = None  # accept explicit position ids
+    use_attention_mask: bool | None = None  # accept an attention mask (left padding)
+    kvcache_partition_len: int | None = None  # KV-cache tile of the decode kernel; divides max_seq_len
+    tensor_parallel_size: int = 1  # chips a layer is split over (only 1 for now)
+    lora_config: dict | None = field(default=None)  # LoRA adapters (not yet supported)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int("max_seq_len", self.max_seq_len)
+        _positive_int("prefill_chunk_size", self.prefill_chunk_size, allow_none=False)
+        if self.prefill_chunk_size % 64:
+            raise ValueError(f"prefill_chunk_size must be divisible by 64, got {self.prefill_chunk_size}")
+        _positive_int("image_prefill_chunk_size", self.image_prefill_chunk_size)
+        for name in ("use_position_ids", "use_attention_mask"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be a bool or None, got {getattr(self, name)!r}")
+        _positive_int("kvcache_partition_len", self.kvcache_partition_len)
+        if self.kvcache_partition_len and self.max_seq_len and self.max_seq_len % self.kvcache_partition_len:
+            raise ValueError(
+                f"kvcache_partition_len {self.kvcache_partition_len} must divide max_seq_len {self.max_seq_len}"
+            )
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size, allow_none=False)
+        if self.tensor_parallel_size > 1:
+            raise NotImplementedError(f"tensor_parallel_size {self.tensor_parallel_size}: only 1 chip is emulated")
+        if self.lora_config is not None:
+            raise NotImplementedError("lora_config: LoRA adapters are not supported yet")
+
+
+# Optimum RBLN names, so code written for it runs with only the import changed.
+RBLNGemma3ForCausalLMConfig = NPUGemma3ForCausalLMConfig
