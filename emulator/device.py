@@ -226,6 +226,16 @@ class NPU:
             self._plans[key] = plan
         return plan
 
+    def plans(self):
+        """The cached plans: (kernel name, input signature, consts, report, output specs)."""
+        for (name, _, signature, consts), plan in self._plans.items():
+            yield name, signature, consts, plan.report, plan.outputs
+
+    def add_plan(self, kernel: Kernel, signature, consts: dict, report: CycleReport, outputs) -> None:
+        """Install a plan made earlier (e.g. saved with a compiled model): no tracing needed."""
+        key = (kernel.name, kernel.emit, tuple((tuple(s), d) for s, d in signature), _freeze(consts))
+        self._plans[key] = _Plan(report, [(n, tuple(s), d) for n, s, d in outputs])
+
     def _run_fast(self, kernel, tensors, consts):
         plan = self.plan(kernel, [(t.shape, t.dtype) for t in tensors], consts)
         results = kernel.fast(*(t.buffer.data for t in tensors), **consts)
