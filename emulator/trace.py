@@ -59,12 +59,16 @@ def trace_events(report) -> list[dict]:
 
 def write_trace(path, report) -> str:
     """Write atomically (a temporary file renamed into place); return the path."""
-    path = os.fspath(path)
     doc = {
         "traceEvents": trace_events(report),
         "displayTimeUnit": "ns",
         "otherData": {"kernel": report.name, "npu": report.npu, "cycles": report.cycles},
     }
+    return _write_json(path, doc)
+
+
+def _write_json(path, doc) -> str:
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".trace-", suffix=".json", dir=directory)
@@ -77,3 +81,43 @@ def write_trace(path, report) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+def write_sequence_trace(path, reports, name: str = "sequence") -> str:
+    """One timeline for kernels run one after another: each report's instructions shifted by
+    the cycles of the kernels before it, plus a "kernels" track with one slice per kernel.
+    Reports without a schedule (plans loaded from disk) appear on the kernels track only."""
+    if not reports:
+        raise ValueError("write_sequence_trace needs at least one report")
+    clock = reports[0].clock_hz
+    us = 1e6 / clock
+    events, offset, seen = [], 0.0, set()
+    kernels_pid = 10_000
+    events.append({"ph": "M", "name": "process_name", "pid": kernels_pid, "args": {"name": "kernels"}})
+    events.append({"ph": "M", "name": "process_sort_index", "pid": kernels_pid, "args": {"sort_index": -1}})
+    for r in reports:
+        events.append(
+            {
+                "name": r.name,
+                "cat": "kernel",
+                "ph": "X",
+                "pid": kernels_pid,
+                "tid": 0,
+                "ts": offset * us,
+                "dur": r.cycles * us,
+                "args": {"cycles": r.cycles, "pct_of_roofline": r.pct_of_roofline},
+            }
+        )
+        if r.schedule is not None:
+            for e in trace_events(r):
+                if e["ph"] == "M":
+                    key = (e["name"], e["pid"], e.get("tid"))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                else:
+                    e = dict(e, ts=e["ts"] + offset * us)
+                events.append(e)
+        offset += r.cycles
+    doc = {"traceEvents": events, "displayTimeUnit": "ns", "otherData": {"name": name, "cycles": int(offset)}}
+    return _write_json(path, doc)

@@ -63,3 +63,18 @@ def test_sequence_adds_cycles_bytes_and_counts():
     assert both.dram_bytes == r1.dram_bytes + r2.dram_bytes
     assert both.instructions == {"dma": 4, "activation.exp": 2}
     assert both.unit_busy["engine0.sfu"] == r1.unit_busy["engine0.sfu"] + r2.unit_busy["engine0.sfu"]
+
+
+def test_sequence_trace_lays_kernels_end_to_end(tmp_path):
+    from emulator.trace import write_sequence_trace
+
+    npu = NPU(TINY)
+    _, r1 = npu.run(scale_kernel(), np.zeros((8, 8), np.float32))
+    _, r2 = npu.run(scale_kernel(), np.zeros((16, 8), np.float32))
+    doc = json.loads(open(write_sequence_trace(tmp_path / "s.json", [r1, r2, r1])).read())
+    kernels = [e for e in doc["traceEvents"] if e.get("cat") == "kernel"]
+    us = 1e6 / TINY.clock_hz
+    assert [k["ts"] for k in kernels] == [0, r1.cycles * us, (r1.cycles + r2.cycles) * us]
+    slices = [e for e in doc["traceEvents"] if e["ph"] == "X" and e.get("cat") != "kernel"]
+    assert len(slices) == 2 * len(r1.stream) + len(r2.stream)
+    assert max(e["ts"] + e["dur"] for e in slices) <= doc["otherData"]["cycles"] * us + 1e-9

@@ -109,7 +109,7 @@ def test_scatter_writes_rows_in_place_of_an_input_tensor():
 
     npu = {m: NPU(TINY, mode=m, numerics="fp32") for m in ("tile", "fast")}
     reports = []
-    for mode, dev in npu.items():
+    for dev in npu.values():
         cache = dev.to_device(np.zeros((8, 3), np.float32), name="cache")
         new = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
         out, rep = dev.run(Kernel("scatter", emit, fast), cache, new, np.array([5, 2], np.int32))
