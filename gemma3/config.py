@@ -109,7 +109,9 @@ class Gemma3TextConfig:
         heads = int(d["num_attention_heads"])
         kv_heads = int(d["num_key_value_heads"])
         if heads % kv_heads:
-            raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+            raise ValueError(
+                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         head_dim = int(d.get("head_dim") or int(d["hidden_size"]) // heads)
         return cls(
             vocab_size=int(d["vocab_size"]),

@@ -50,7 +50,9 @@ class GenerationSettings:
     def validate(self):
         for name in ("max_new_tokens", "max_length", "top_k"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < (1 if name == "max_length" else 0)):
+            if v is not None and (
+                not isinstance(v, (int, np.integer)) or v < (1 if name == "max_length" else 0)
+            ):
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
@@ -82,7 +84,9 @@ def to_dict(generation_config) -> dict:
         return dict(generation_config)
     if hasattr(generation_config, "to_dict"):
         return generation_config.to_dict()
-    raise TypeError(f"generation_config must be a dict or GenerationConfig, got {type(generation_config).__name__}")
+    raise TypeError(
+        f"generation_config must be a dict or GenerationConfig, got {type(generation_config).__name__}"
+    )
 
 
 # ---------------------------------------------------------------- logits warpers (as transformers)
@@ -114,7 +118,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def choose(logits: np.ndarray, s: GenerationSettings, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def choose(
+    logits: np.ndarray, s: GenerationSettings, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Next tokens (B,) and the processed scores (B, V)."""
     if not s.do_sample:
         return np.argmax(logits, axis=-1), logits
@@ -140,7 +146,9 @@ class GenerateOutput:
         return getattr(self, key)
 
 
-def generate_loop(prefill, decode, input_ids: np.ndarray, attention_mask: np.ndarray, s: GenerationSettings, streamer=None):
+def generate_loop(
+    prefill, decode, input_ids: np.ndarray, attention_mask: np.ndarray, s: GenerationSettings, streamer=None
+):
     """Run prefill once and decode until every sequence ended or the budget is spent.
 
     Returns (sequences (B, T + n) int64, raw logits per step, processed scores per step)."""

@@ -112,7 +112,9 @@ class NPUModelConfig:
         overrides, rest = strip_rbln(kwargs)
         unknown = sorted(rest)
         if unknown:
-            raise ValueError(f"{cls.__name__}.load: unexpected keyword argument(s) {unknown} (use the rbln_ prefix)")
+            raise ValueError(
+                f"{cls.__name__}.load: unexpected keyword argument(s) {unknown} (use the rbln_ prefix)"
+            )
         return cls.create({**doc, **overrides})
 
 
@@ -144,7 +146,9 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
             )
         _positive_int("tensor_parallel_size", self.tensor_parallel_size, allow_none=False)
         if self.tensor_parallel_size > 1:
-            raise NotImplementedError(f"tensor_parallel_size {self.tensor_parallel_size}: only 1 chip is emulated")
+            raise NotImplementedError(
+                f"tensor_parallel_size {self.tensor_parallel_size}: only 1 chip is emulated"
+            )
         if self.lora_config is not None:
             raise NotImplementedError("lora_config: LoRA adapters are not supported yet")
 

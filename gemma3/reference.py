@@ -78,13 +78,24 @@ def mlp(x, w):
 
 def block(x, w, c, layer, positions, valid):
     eps = c.rms_norm_eps
-    h = x + rms_norm(attention(rms_norm(x, w["input_layernorm"], eps), w, c, layer, positions, valid), w["post_attention_layernorm"], eps)
-    return h + rms_norm(mlp(rms_norm(h, w["pre_feedforward_layernorm"], eps), w), w["post_feedforward_layernorm"], eps)
+    h = x + rms_norm(
+        attention(rms_norm(x, w["input_layernorm"], eps), w, c, layer, positions, valid),
+        w["post_attention_layernorm"],
+        eps,
+    )
+    return h + rms_norm(
+        mlp(rms_norm(h, w["pre_feedforward_layernorm"], eps), w), w["post_feedforward_layernorm"], eps
+    )
 
 
 def layer_weights(get, i):
     p = f"layers.{i}."
-    names = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    names = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ]
     w = {n: get(p + n + ".weight") for n in names}
     for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
         w[n] = get(p + "self_attn." + n + ".weight")

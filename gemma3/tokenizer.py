@@ -24,7 +24,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}"
-    "{%- set first_user_prefix = \"\" -%}"
+    '{%- set first_user_prefix = "" -%}'
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{%- for message in loop_messages -%}"
@@ -47,7 +47,13 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
-FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
 
 
 class TokenizerError(ValueError):

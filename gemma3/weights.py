@@ -118,8 +118,14 @@ class Checkpoint:
             self.where = {n: "model.safetensors" for n in self.files["model.safetensors"].tensors}
         else:
             pickles = [f for f in os.listdir(self.directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-            hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
-            raise CheckpointError(f"{self.directory}: no model.safetensors or model.safetensors.index.json{hint}")
+            hint = (
+                f" (found {pickles}: pickle files are never loaded; convert them to safetensors)"
+                if pickles
+                else ""
+            )
+            raise CheckpointError(
+                f"{self.directory}: no model.safetensors or model.safetensors.index.json{hint}"
+            )
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -166,7 +172,17 @@ def expected_shapes(c: Gemma3TextConfig) -> dict[str, tuple]:
     return shapes
 
 
-def text_weights(ckpt: Checkpoint, c: Gemma3TextConfig, *, allow_extra_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")) -> dict[str, str]:
+def text_weights(
+    ckpt: Checkpoint,
+    c: Gemma3TextConfig,
+    *,
+    allow_extra_prefixes=(
+        "vision_tower.",
+        "multi_modal_projector.",
+        "model.vision_tower.",
+        "model.multi_modal_projector.",
+    ),
+) -> dict[str, str]:
     """Map every expected tensor to its name in the checkpoint, checking names and shapes.
 
     Raises one CheckpointError listing all missing, unexpected and mis-shaped tensors (and
@@ -214,8 +230,14 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
         if a.dtype not in NAMES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {a.dtype}, which safetensors cannot hold here")
-        header[name] = {"dtype": NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {a.dtype}, which safetensors cannot hold here"
+            )
+        header[name] = {
+            "dtype": NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     if metadata:
