@@ -184,7 +184,9 @@ class NPU:
             sched = schedule(stream, self.config)
         finally:
             k.release_all()
-        io_bytes = sum(math.prod(b.shape) * itemsize(b.dtype) for b in bufs + k.outputs)
+        io_bytes = k.roofline_bytes
+        if io_bytes is None:
+            io_bytes = sum(math.prod(b.shape) * itemsize(b.dtype) for b in bufs + k.outputs)
         counts: dict[str, int] = {}
         for op in stream.ops:
             counts[op] = counts.get(op, 0) + 1

@@ -128,6 +128,8 @@ class KernelContext:
         self._labels: list[str] = []
         self.flops = 0
         self.bytes_by_path: dict[str, int] = {}
+        self._unordered: set[int] = set()  # ids of unordered scatters
+        self.roofline_bytes: int | None = None  # set_roofline_bytes
 
     # ----------------------------------------------------------------- memory
 
@@ -230,6 +232,14 @@ class KernelContext:
     @property
     def peak_shared(self) -> int:
         return self._shared.peak
+
+    def set_roofline_bytes(self, nbytes: int) -> None:
+        """Declare the DRAM bytes the op cannot avoid, for the report's roofline, when that is
+        not the size of its inputs and outputs (a decode step reads only L of S cache slots;
+        an in-place cache write touches a few rows of a large tensor)."""
+        if nbytes < 0:
+            raise KernelError(f"set_roofline_bytes: {nbytes} is negative")
+        self.roofline_bytes = int(nbytes)
 
     # ----------------------------------------------------------- instructions
 
@@ -343,11 +353,16 @@ class KernelContext:
             self.first_dma_unit + queue, "gather", label, latency, nbytes, res, [indices, table], [dst], after
         )
 
-    def scatter(self, table, indices, src, *, queue: int = 0, after=()) -> int:
+    def scatter(self, table, indices, src, *, queue: int = 0, unordered: bool = False, after=()) -> int:
         """Indirect DMA: ``table[indices[r]] = src[r]`` for each row r (e.g. new keys into
         a KV cache at data-dependent slots). ``table`` (V, D) in DRAM, ``indices`` (n,) int32 in
         local SRAM, ``src`` (n, D) in SRAM. Rows are written in order (a repeated index keeps
-        the last)."""
+        the last).
+
+        The rows are data, so the scatter counts as a write of the whole table and orders
+        against every other access to it. ``unordered=True`` is the kernel's promise that
+        concurrent unordered scatters into this table hit disjoint rows: they then order only
+        against plain reads and writes, and may run on several queues at once."""
         table, indices, src = _as_view(table), _as_view(indices), _as_view(src)
         iid = len(self._ops)
         label = f"scatter #{iid} {src.name} -> {table.name}[{indices.name}]"
@@ -375,6 +390,7 @@ class KernelContext:
             [indices, src],
             [table],
             after,
+            unordered=unordered,
         )
 
     def _check_indirect(self, label, queue, table, indices, rows):
@@ -456,7 +472,9 @@ class KernelContext:
         dst.array()[...] = store_value(values, dst.dtype, self.numerics)
         dst.written_mask()[...] = True
 
-    def _record(self, unit, op, label, dur, nbytes, res, reads, writes, after, hide=0) -> int:
+    def _record(
+        self, unit, op, label, dur, nbytes, res, reads, writes, after, hide=0, unordered=False
+    ) -> int:
         iid = len(self._ops)
         deps: set[int] = set(int(a) for a in after)
         for a in after:
@@ -470,7 +488,10 @@ class KernelContext:
                 raise KernelError(f"{label}: {buf.name!r} was freed")
             ext = v.extent()
             extents.append(ext)
-            deps.update(buf.writes.overlapping(ext))
+            writers = buf.writes.overlapping(ext)
+            if is_write and unordered:
+                writers = [i for i in writers if i not in self._unordered]
+            deps.update(writers)
             if is_write:
                 deps.update(buf.reads.overlapping(ext))
             deps.update(buf.inherited.values())
@@ -482,7 +503,10 @@ class KernelContext:
                 latest[u] = d
         for (v, is_write), ext in zip(tracked, extents):
             buf = v.buffer
-            if is_write:
+            if is_write and unordered:
+                buf.writes.add(ext, iid, unit)  # waits for no other unordered write: prunes nothing
+                self._unordered.add(iid)
+            elif is_write:
                 # Later accesses that overlap a pruned entry overlap this write, which
                 # already waits for it.
                 buf.writes.prune(ext)
