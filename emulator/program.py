@@ -495,11 +495,13 @@ class KernelContext:
             if is_write:
                 deps.update(buf.reads.overlapping(ext))
             deps.update(buf.inherited.values())
-        # Keep, per unit, only the latest dependency; drop those on this unit (in order anyway).
+        # Keep, per unit, only the latest dependency. A compute unit runs one instruction at a
+        # time, so deps on its own earlier instructions are implied; a DMA queue overlaps its
+        # descriptors' latencies, so there they are kept (a gather waits for its indices).
         latest: dict[int, int] = {}
         for d in deps:
             u = self._unit[d]
-            if u != unit and d > latest.get(u, -1):
+            if (u != unit or unit >= self.first_dma_unit) and d > latest.get(u, -1):
                 latest[u] = d
         for (v, is_write), ext in zip(tracked, extents):
             buf = v.buffer

@@ -201,8 +201,8 @@ def do_select(src, offset, row_coef, col_coef, fill):
 
 
 def do_activation(func, src, scale, bias):
-    x = src * np.float32(scale)
-    if bias is not None:
-        x = x + (np.float32(bias) if _is_scalar(bias) else bias)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        x = src * np.float32(scale)
+        if bias is not None:
+            x = x + (np.float32(bias) if _is_scalar(bias) else bias)
         return SFU[func](x.astype(np.float32))
