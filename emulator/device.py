@@ -108,7 +108,8 @@ class NPU:
             dtype = "int32" if np.issubdtype(array.dtype, np.integer) else self.dtype
         check_dtype(dtype)
         address, size = self.dram.allocate(name, array.shape, dtype)
-        data = np.ascontiguousarray(store_value(array, dtype, self.numerics))
+        # Always a copy: the device owns its DRAM (the host array may change or be reused).
+        data = np.array(store_value(array, dtype, self.numerics), order="C", copy=True)
         buf = Buffer(name, DRAM, array.shape, dtype, address, size, data=data)
         return DeviceTensor(self, buf)
 

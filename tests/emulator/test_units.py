@@ -158,3 +158,12 @@ def test_unordered_scatters_overlap_and_plain_accesses_still_wait():
         reports[unordered] = rep
         assert rep.io_bytes == 16 * 32 * 4
     assert reports[True].cycles < reports[False].cycles
+
+
+def test_to_device_copies_the_host_array():
+    npu = NPU(TINY, numerics="fp32")
+    host = np.zeros((4, 4), np.float32)
+    a, b = npu.to_device(host, name="a"), npu.to_device(host, name="b")
+    a.numpy()[0, 0] = 1.0
+    host[1, 1] = 2.0
+    assert b.numpy()[0, 0] == 0.0 and a.numpy()[1, 1] == 0.0
