@@ -17,7 +17,13 @@ BASE = {
     "max_position_embeddings": 256,
 }
 
-V4 = {**BASE, "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window_pattern": 6}
+V4 = {
+    **BASE,
+    "rope_theta": 1e6,
+    "rope_local_base_freq": 1e4,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "sliding_window_pattern": 6,
+}
 V5 = {
     **BASE,
     "layer_types": [SLIDING] * 5 + [FULL] + [SLIDING],

@@ -41,15 +41,27 @@ def test_greedy_stops_on_any_eos_and_pads_finished_rows():
 
 def test_budget_from_max_new_tokens_or_max_length():
     prefill, decode = scripted(10, [[4]])
-    seqs, _, _ = generate_loop(prefill, decode, np.array([[2, 3, 5]]), None, GenerationSettings.merge({"max_length": 6}))
+    seqs, _, _ = generate_loop(
+        prefill, decode, np.array([[2, 3, 5]]), None, GenerationSettings.merge({"max_length": 6})
+    )
     assert seqs.shape == (1, 6)
     prefill, decode = scripted(10, [[4]])
-    seqs, _, _ = generate_loop(prefill, decode, np.array([[2, 3, 5]]), None, GenerationSettings.merge({"max_length": 6, "max_new_tokens": 1}))
+    seqs, _, _ = generate_loop(
+        prefill,
+        decode,
+        np.array([[2, 3, 5]]),
+        None,
+        GenerationSettings.merge({"max_length": 6, "max_new_tokens": 1}),
+    )
     assert seqs.shape == (1, 4)
 
 
 def test_later_sources_win_and_bad_values_are_named():
-    s = GenerationSettings.merge({"max_new_tokens": 5, "eos_token_id": 1}, {"eos_token_id": [1, 106]}, {"max_new_tokens": 7, "unknown_flag": 1})
+    s = GenerationSettings.merge(
+        {"max_new_tokens": 5, "eos_token_id": 1},
+        {"eos_token_id": [1, 106]},
+        {"max_new_tokens": 7, "unknown_flag": 1},
+    )
     assert s.max_new_tokens == 7 and s.eos_token_id == [1, 106]
     with pytest.raises(ValueError, match="top_p must be in"):
         GenerationSettings.merge({"top_p": 0.0})
@@ -63,14 +75,20 @@ def test_sampling_is_reproducible_with_a_seed():
 
     def run(seed):
         it = iter(table)
-        s = GenerationSettings.merge({"do_sample": True, "max_new_tokens": 30, "seed": seed, "top_k": 10, "top_p": 0.9})
-        seqs, _, _ = generate_loop(lambda i, m: next(it)[None], lambda t: next(it)[None], np.array([[1]]), None, s)
+        s = GenerationSettings.merge(
+            {"do_sample": True, "max_new_tokens": 30, "seed": seed, "top_k": 10, "top_p": 0.9}
+        )
+        seqs, _, _ = generate_loop(
+            lambda i, m: next(it)[None], lambda t: next(it)[None], np.array([[1]]), None, s
+        )
         return seqs
 
     assert (run(3) == run(3)).all() and not (run(3) == run(4)).all()
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 5, 1.0), (0.7, 50, 0.9), (1.3, 3, 0.5), (1.0, 0, 0.95)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.0, 5, 1.0), (0.7, 50, 0.9), (1.3, 3, 0.5), (1.0, 0, 0.95)]
+)
 def test_warpers_agree_with_transformers(temperature, top_k, top_p):
     torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -82,6 +100,8 @@ def test_warpers_agree_with_transformers(temperature, top_k, top_p):
     if top_p < 1:
         procs.append(TopPLogitsWarper(top_p))
     ref = LogitsProcessorList(procs)(None, torch.from_numpy(logits.copy())).numpy()
-    ours = warp(logits, GenerationSettings.merge({"temperature": temperature, "top_k": top_k, "top_p": top_p}))
+    ours = warp(
+        logits, GenerationSettings.merge({"temperature": temperature, "top_k": top_k, "top_p": top_p})
+    )
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
     np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)

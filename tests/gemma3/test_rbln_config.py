@@ -11,7 +11,13 @@ C = NPUGemma3ForCausalLMConfig
 def test_defaults_and_alias():
     c = RBLNGemma3ForCausalLMConfig()
     assert C is RBLNGemma3ForCausalLMConfig
-    assert (c.batch_size, c.prefill_chunk_size, c.max_seq_len, c.npu, c.mode) == (1, 256, None, "atom", "fast")
+    assert (c.batch_size, c.prefill_chunk_size, c.max_seq_len, c.npu, c.mode) == (
+        1,
+        256,
+        None,
+        "atom",
+        "fast",
+    )
 
 
 @pytest.mark.parametrize(
@@ -23,7 +29,11 @@ def test_defaults_and_alias():
         ({"prefill_chunk_size": 100}, ValueError, "prefill_chunk_size must be divisible by 64, got 100"),
         ({"prefill_chunk_size": 0}, ValueError, "prefill_chunk_size must be a positive integer, got 0"),
         ({"use_attention_mask": "yes"}, ValueError, "use_attention_mask must be a bool or None, got 'yes'"),
-        ({"max_seq_len": 1000, "kvcache_partition_len": 64}, ValueError, "kvcache_partition_len 64 must divide max_seq_len 1000"),
+        (
+            {"max_seq_len": 1000, "kvcache_partition_len": 64},
+            ValueError,
+            "kvcache_partition_len 64 must divide max_seq_len 1000",
+        ),
         ({"tensor_parallel_size": 4}, NotImplementedError, "tensor_parallel_size 4"),
         ({"npu": "h100"}, ValueError, "npu: unknown NPU preset 'h100'"),
         ({"mode": "cycle"}, ValueError, "mode must be 'fast' or 'tile', got 'cycle'"),

@@ -22,7 +22,12 @@ def load(directory):
         {},
         {"num_key_value_heads": 1},  # MQA
         {"final_logit_softcapping": 30.0},
-        {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+        {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            }
+        },
     ],
     ids=["gqa", "mqa", "softcap", "linear-rope"],
 )
@@ -45,7 +50,9 @@ def test_left_padding_matches_transformers(tmp_path):
     ids = np.array([0, 0, 0, 5, 17, 42, 99, 7, 8, 120, 33, 2, 9, 14])
     mask = (np.arange(len(ids)) >= 3).astype(np.int64)
     with torch.no_grad():
-        ref = model(torch.from_numpy(ids[None]), attention_mask=torch.from_numpy(mask[None])).logits[0].numpy()
+        ref = (
+            model(torch.from_numpy(ids[None]), attention_mask=torch.from_numpy(mask[None])).logits[0].numpy()
+        )
     ours = forward(c, get, ids, mask)
     scale = np.abs(ref[3:]).max()
     assert np.abs(ours[3:] - ref[3:]).max() <= 1e-4 * scale

@@ -3,7 +3,13 @@ import pytest
 from gemma3.tokenizer import GEMMA3_CHAT_TEMPLATE, Gemma3Tokenizer, TokenizerError
 from tests.gemma3.tokenizer_fixture import build_tokenizer
 
-TEXTS = ["The capital of France is", "  two  spaces\n\nnewlines\tand tabs", "12345 + 678 = ?", "emoji \U0001F600 and \u4e2d\u6587", "def f(x):\n    return x"]
+TEXTS = [
+    "The capital of France is",
+    "  two  spaces\n\nnewlines\tand tabs",
+    "12345 + 678 = ?",
+    "emoji \U0001f600 and \u4e2d\u6587",
+    "def f(x):\n    return x",
+]
 CHAT = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there "},
@@ -47,6 +53,12 @@ def test_agrees_with_transformers(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:
         assert ours.encode(text) == hf(text)["input_ids"], text
-        assert ours.decode(ours.encode(text), skip_special_tokens=True) == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
-    assert ours.apply_chat_template(CHAT) == hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    assert ours.apply_chat_template(CHAT, add_generation_prompt=False) == hf.apply_chat_template(CHAT, tokenize=False)
+        assert ours.decode(ours.encode(text), skip_special_tokens=True) == hf.decode(
+            hf(text)["input_ids"], skip_special_tokens=True
+        )
+    assert ours.apply_chat_template(CHAT) == hf.apply_chat_template(
+        CHAT, tokenize=False, add_generation_prompt=True
+    )
+    assert ours.apply_chat_template(CHAT, add_generation_prompt=False) == hf.apply_chat_template(
+        CHAT, tokenize=False
+    )

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from gemma3.config import Gemma3TextConfig
-from gemma3.weights import Checkpoint, CheckpointError, SafetensorsFile, expected_shapes, text_weights, write_safetensors
+from gemma3.weights import (
+    Checkpoint,
+    CheckpointError,
+    SafetensorsFile,
+    expected_shapes,
+    text_weights,
+    write_safetensors,
+)
 
 CFG = {
     "model_type": "gemma3_text",
@@ -32,7 +39,7 @@ def test_round_trip_in_each_dtype(tmp_path, dtype):
     c, tensors = fake_checkpoint(tmp_path, dtype)
     ckpt = Checkpoint(tmp_path)
     names = text_weights(ckpt, c)
-    for short, name in names.items():
+    for name in names.values():
         np.testing.assert_array_equal(ckpt.float32(name), tensors[name].astype(np.float32))
 
 
@@ -45,7 +52,9 @@ def test_sharded_checkpoint(tmp_path):
     for shard, members in shards.items():
         write_safetensors(tmp_path / shard, {n: tensors[n] for n in members})
         weight_map.update({n: shard for n in members})
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     ckpt = Checkpoint(tmp_path)
     text_weights(ckpt, c)
     np.testing.assert_array_equal(ckpt.float32(names[3]), tensors[names[3]])
@@ -86,7 +95,11 @@ def test_reads_what_the_safetensors_library_writes(tmp_path):
     torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
     from safetensors.torch import save_file
 
-    t = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.randn(7, dtype=torch.float16), "c": torch.randn(2, 2)}
+    t = {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.randn(7, dtype=torch.float16),
+        "c": torch.randn(2, 2),
+    }
     save_file(t, str(tmp_path / "x.safetensors"))
     f = SafetensorsFile(tmp_path / "x.safetensors")
     for name, v in t.items():

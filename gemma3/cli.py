@@ -1,0 +1,110 @@
+"""``python -m gemma3``: generate text with a Gemma3 model on the emulated NPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+class TextStream:
+    """A streamer (put / end, as transformers calls it) that prints text as tokens arrive."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.prompt_seen = False
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in list(getattr(value, "reshape", lambda *_: value)(-1)))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        # Hold back a trailing replacement character: a multi-byte character may be incomplete.
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+    def end(self):
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.out.write(text[len(self.printed) :] + "\n")
+        self.out.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gemma3", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed, then print the emulated cost")
+    g.add_argument("--model", required=True, help="model directory (Hugging Face layout, or one we compiled)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--npu", default=None, help="chip preset (atom, tiny); default: the compiled one, else atom"
+    )
+    g.add_argument(
+        "--max-seq-len", type=int, help="compile for this many positions (default: prompt + new tokens)"
+    )
+    g.add_argument("--mode", choices=["fast", "tile"], default=None)
+    g.add_argument("--trace", metavar="OUT.json", help="write the emulated timeline of the whole run")
+    return p
+
+
+def generate(args) -> int:
+    from emulator.trace import write_sequence_trace
+
+    from .modeling import NPUGemma3ForCausalLM, is_compiled
+
+    kwargs = {}
+    if args.npu:
+        kwargs["rbln_npu"] = args.npu
+    if args.mode:
+        kwargs["rbln_mode"] = args.mode
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    if not is_compiled(args.model):
+        print("compiling (planning every kernel for the chip) ...", file=sys.stderr, flush=True)
+    from .tokenizer import Gemma3Tokenizer
+
+    tok = Gemma3Tokenizer(args.model)
+    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(prompt, add_special_tokens=not args.chat)
+    if args.max_seq_len:
+        kwargs["rbln_max_seq_len"] = args.max_seq_len
+    elif not is_compiled(args.model):
+        kwargs["rbln_max_seq_len"] = max(64, len(ids) + args.max_new_tokens)
+    model = NPUGemma3ForCausalLM.from_pretrained(args.model, **kwargs)
+    print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    gen = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None:
+        gen.update(do_sample=True, temperature=args.temperature)
+    for name in ("top_k", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            gen[name] = getattr(args, name)
+    if args.chat:
+        sys.stdout.write(args.prompt + "\n")
+    else:
+        sys.stdout.write(prompt)
+    model.generate([ids], streamer=TextStream(tok), **gen)
+    rep = model.last_report
+    print("\n" + rep.table())
+    if args.trace:
+        reports = model.runtime.cost["prefill"].reports + model.runtime.cost["decode"].reports
+        write_sequence_trace(args.trace, reports, name="generate")
+        print(f"trace written to {args.trace}: open it at https://ui.perfetto.dev")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return generate(args)
+    return 2

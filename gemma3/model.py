@@ -1,0 +1,299 @@
+"""Gemma3 text model on the emulated NPU: every layer a kernel from the library.
+
+Compiled state (``CompiledGemma3``): weights in device layout in the NPU's DRAM (projections
+pre-transposed to (in, out); q, k and v fused into one (hidden, (Hq + 2 Hkv) * head_dim)
+matrix; the tied embedding twice: (vocab, hidden) for the lookup and (hidden, vocab) for the
+LM head), RoPE tables per layer type, and the KV caches:
+
+    global layers:  (batch, kv_heads, max_seq_len, head_dim), slot = position
+    sliding layers: (batch, kv_heads, sliding_window, head_dim), slot = position % window
+
+Prefill runs one sequence at a time, in chunks of ``prefill_chunk_size`` tokens (the last one
+padded to the full chunk: shapes are static as on the real NPU), and computes logits for the
+last valid token only. Decode runs the whole batch one token per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from emulator import NPU, CycleReport
+from kernels.attention_decode import attention_decode, decode_kv_tile
+from kernels.attention_prefill import attention_prefill
+from kernels.embedding import embedding
+from kernels.kvcache import kv_cache_write
+from kernels.lm_head import lm_head
+from kernels.matmul import matmul
+from kernels.mlp import geglu_mlp
+from kernels.norms import rmsnorm
+from kernels.rope import rope as rope_kernel
+from kernels.rope import rope_tables
+
+from .config import FULL, SLIDING, Gemma3TextConfig
+from .rbln_config import NPUGemma3ForCausalLMConfig
+
+
+class PhaseCost:
+    """Collects the reports of the kernels one phase (prefill or decode) ran."""
+
+    def __init__(self):
+        self.reports: list[CycleReport] = []
+
+    def add(self, report: CycleReport):
+        self.reports.append(report)
+
+    def total(self, name: str) -> CycleReport | None:
+        return CycleReport.sequence(name, self.reports) if self.reports else None
+
+
+class Gemma3OnNPU:
+    """Runs prefill and decode for a compiled model; holds the KV caches of one batch."""
+
+    def __init__(
+        self, config: Gemma3TextConfig, rbln: NPUGemma3ForCausalLMConfig, weights: dict[str, np.ndarray]
+    ):
+        self.c = config
+        self.rbln = rbln
+        self.max_seq_len = rbln.max_seq_len or config.max_position_embeddings
+        self.npu = NPU(rbln.npu_config, mode=rbln.mode, numerics=rbln.numerics)
+        self.weights = {name: self.npu.to_device(a, name=name) for name, a in weights.items()}
+        self.window = min(config.sliding_window, self.max_seq_len)
+        self.kv_tile = decode_kv_tile(self.npu.config)
+        self.caches = []
+        for i in range(config.num_hidden_layers):
+            slots = self.window if config.is_sliding(i) else self.max_seq_len
+            shape = (rbln.batch_size, config.num_key_value_heads, slots, config.head_dim)
+            zeros = np.zeros(shape, np.float32)
+            self.caches.append(
+                (self.npu.to_device(zeros, name=f"k_cache{i}"), self.npu.to_device(zeros, name=f"v_cache{i}"))
+            )
+        self.positions = np.zeros(rbln.batch_size, np.int64)  # next position of each sequence
+        self.cost = {"prefill": PhaseCost(), "decode": PhaseCost()}
+
+    # ------------------------------------------------------------------ device layout
+
+    @staticmethod
+    def device_weights(c: Gemma3TextConfig, get) -> dict[str, np.ndarray]:
+        """Checkpoint tensors (names as weights.expected_shapes) -> device layout, fp32."""
+        w = {"embed": get("embed_tokens.weight"), "norm": get("norm.weight")}
+        w["lm_head"] = np.ascontiguousarray(
+            (get("lm_head.weight") if not c.tie_word_embeddings else w["embed"]).T
+        )
+        w["vocab_ids"] = np.arange(c.vocab_size, dtype=np.int32)  # ids the on-device argmax looks up
+        for layer_type, rope in c.rope.items():
+            cos, sin = rope_tables(c.max_position_embeddings, c.head_dim, rope.theta, rope.factor)
+            w[f"cos_{layer_type}"], w[f"sin_{layer_type}"] = cos, sin
+        for i in range(c.num_hidden_layers):
+            p = f"layers.{i}."
+            qkv = [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+            w[f"{i}.qkv"] = np.ascontiguousarray(np.concatenate(qkv, axis=0).T)  # (hidden, (Hq + 2 Hkv) * hd)
+            w[f"{i}.o"] = np.ascontiguousarray(get(p + "self_attn.o_proj.weight").T)
+            w[f"{i}.gate"] = np.ascontiguousarray(get(p + "mlp.gate_proj.weight").T)
+            w[f"{i}.up"] = np.ascontiguousarray(get(p + "mlp.up_proj.weight").T)
+            w[f"{i}.down"] = np.ascontiguousarray(get(p + "mlp.down_proj.weight").T)
+            for n in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ):
+                w[f"{i}.{n}"] = get(p + n + ".weight")
+            for n in ("q_norm", "k_norm"):
+                w[f"{i}.{n}"] = get(p + f"self_attn.{n}.weight")
+        return w
+
+    # ------------------------------------------------------------------ kernels
+
+    def _run(self, phase, kernel, *inputs, **consts):
+        out, report = self.npu.run(kernel, *inputs, **consts)
+        self.cost[phase].add(report)
+        return out
+
+    def _layer(self, phase, i, x, positions, attend):
+        """One decoder layer on x (T, hidden); ``attend(q, k, v)`` does the attention."""
+        c, w, eps = self.c, self.weights, self.c.rms_norm_eps
+        t = x.shape[0]
+        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        kind = c.layer_types[i]
+        h = self._run(phase, rmsnorm, x, w[f"{i}.input_layernorm"], eps=eps)
+        qkv = self._run(phase, matmul, h, w[f"{i}.qkv"])  # (T, (Hq + 2 Hkv) * hd)
+        q = qkv[:, : hq * hd].reshape(t, hq, hd)
+        k = qkv[:, hq * hd : (hq + hkv) * hd].reshape(t, hkv, hd)
+        v = np.ascontiguousarray(qkv[:, (hq + hkv) * hd :].reshape(t, hkv, hd))
+        q = self._run(phase, rmsnorm, np.ascontiguousarray(q), w[f"{i}.q_norm"], eps=eps)
+        k = self._run(phase, rmsnorm, np.ascontiguousarray(k), w[f"{i}.k_norm"], eps=eps)
+        pos = positions.astype(np.int32)
+        q = self._run(phase, rope_kernel, q, w[f"cos_{kind}"], w[f"sin_{kind}"], pos)
+        k = self._run(phase, rope_kernel, k, w[f"cos_{kind}"], w[f"sin_{kind}"], pos)
+        a = attend(i, q, k, v)  # (T, Hq * hd)
+        o = self._run(phase, matmul, a, w[f"{i}.o"])
+        x = x + self._run(phase, rmsnorm, o, w[f"{i}.post_attention_layernorm"], eps=eps)
+        h = self._run(phase, rmsnorm, x, w[f"{i}.pre_feedforward_layernorm"], eps=eps)
+        m = self._run(phase, geglu_mlp, h, w[f"{i}.gate"], w[f"{i}.up"], w[f"{i}.down"])
+        return x + self._run(phase, rmsnorm, m, w[f"{i}.post_feedforward_layernorm"], eps=eps)
+
+    def _logits(self, phase, x_last):
+        h = self._run(phase, rmsnorm, x_last, self.weights["norm"], eps=self.c.rms_norm_eps)
+        w = self.weights
+        logits, _ = self._run(
+            phase, lm_head, h, w["lm_head"], w["vocab_ids"], softcap=self.c.final_logit_softcapping
+        )
+        return logits
+
+    def _embed(self, phase, ids):
+        return self._run(
+            phase, embedding, ids.astype(np.int32), self.weights["embed"], scale=self.c.embed_scale
+        )
+
+    def _write_cache(self, phase, i, b0, k, v, positions):
+        """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T)."""
+        c = self.c
+        k_cache, v_cache = self.caches[i]
+        slots = positions % self.window if c.is_sliding(i) else positions  # (B', T)
+        hkv, s = c.num_key_value_heads, k_cache.shape[2]
+        seq = np.arange(b0, b0 + k.shape[0])[:, None, None]
+        rows = ((seq * hkv + np.arange(hkv)[None, None, :]) * s + slots[:, :, None]).astype(
+            np.int32
+        )  # (B', T, Hkv)
+        self._run(phase, kv_cache_write, k_cache, k, rows)
+        self._run(phase, kv_cache_write, v_cache, v, rows)
+
+    # ------------------------------------------------------------------ prefill / decode
+
+    def reset(self):
+        self.positions[:] = 0
+        for cost in self.cost.values():
+            cost.reports.clear()
+
+    def prefill(self, b: int, ids: np.ndarray) -> np.ndarray:
+        """Prefill sequence ``b`` with ``ids`` (its real tokens); return last-token logits (V,)."""
+        c = self.c
+        n = len(ids)
+        if n > self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
+        chunk = self.rbln.prefill_chunk_size
+        logits = None
+        for start in range(0, n, chunk):
+            valid = min(chunk, n - start)
+            chunk_ids = np.zeros(chunk, np.int64)
+            chunk_ids[:valid] = ids[start : start + valid]
+            positions = start + np.arange(chunk)
+            x = self._embed("prefill", chunk_ids)
+
+            def attend(i, q, k, v, start=start, valid=valid, positions=positions):
+                k_cache, v_cache = self.caches[i]
+                sliding = c.is_sliding(i)
+                out = self._run(
+                    "prefill",
+                    attention_prefill,
+                    q,
+                    k,
+                    v,
+                    k_cache,
+                    v_cache,
+                    q_start=start,
+                    scale=c.attention_scale,
+                    window=c.sliding_window if sliding else None,
+                    ring=sliding,
+                    batch=b,
+                )
+                self._write_cache("prefill", i, b, k[None, :valid], v[None, :valid], positions[None, :valid])
+                return out.reshape(chunk, -1)
+
+            for i in range(c.num_hidden_layers):
+                x = self._layer("prefill", i, x, positions, attend)
+            if start + valid == n:
+                logits = self._logits("prefill", x[valid - 1 : valid])[0]
+        self.positions[b] = n
+        return logits
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """One token per sequence of the batch; return logits (B, V)."""
+        c = self.c
+        pos = self.positions.copy()
+        if (pos >= self.max_seq_len).any():
+            raise ValueError(f"a sequence reached max_seq_len {self.max_seq_len}")
+        x = self._embed("decode", np.asarray(tokens))
+
+        def attend(i, q, k, v):
+            k_cache, v_cache = self.caches[i]
+            self._write_cache("decode", i, 0, k[:, None], v[:, None], pos[:, None])
+            slots = k_cache.shape[2]
+            reach = int(min(pos.max() + 1, slots))
+            length = min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
+            j = np.arange(length)[None, :]
+            if c.is_sliding(i):
+                # Ring slot j holds position p = pos - ((pos - j) mod window); valid once written.
+                visible = (pos[:, None] - ((pos[:, None] - j) % self.window)) >= 0
+            else:
+                visible = j <= pos[:, None]
+            mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
+            out = self._run("decode", attention_decode, q, k_cache, v_cache, mask, scale=c.attention_scale)
+            return out.reshape(q.shape[0], -1)
+
+        for i in range(c.num_hidden_layers):
+            x = self._layer("decode", i, x, pos, attend)
+        self.positions += 1
+        return self._logits("decode", x)
+
+    def plan_all(self) -> None:
+        """Compile: plan every kernel at the model's static shapes and check each fits SRAM.
+
+        One dry prefill chunk and one decode step plan the kernels at their first shapes;
+        the attention kernels are also planned at their largest (the last prefill chunk
+        against a full global cache, decode over the whole cache). Plans for the shapes in
+        between are made when first used and saved with the model."""
+        c, b = self.c, self.rbln.batch_size
+        self.prefill(0, np.zeros(1, np.int64))
+        self.decode(np.zeros(b, np.int64))
+        self.reset()
+        chunk = self.rbln.prefill_chunk_size
+        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        last = (self.max_seq_len - 1) // chunk * chunk
+        for i in sorted({c.layer_types.index(t) for t in set(c.layer_types)}):
+            k_cache = self.caches[i][0]
+            cache = (k_cache.shape, "bf16")
+            sliding = c.is_sliding(i)
+            self._plan(
+                attention_prefill,
+                [
+                    ((chunk, hq, hd), "bf16"),
+                    ((chunk, hkv, hd), "bf16"),
+                    ((chunk, hkv, hd), "bf16"),
+                    cache,
+                    cache,
+                ],
+                dict(
+                    q_start=last,
+                    scale=c.attention_scale,
+                    window=c.sliding_window if sliding else None,
+                    ring=sliding,
+                    batch=0,
+                ),
+            )
+            slots = k_cache.shape[2]
+            self._plan(
+                attention_decode,
+                [
+                    ((b, hq, hd), "bf16"),
+                    cache,
+                    cache,
+                    ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), "fp32"),
+                ],
+                dict(scale=c.attention_scale),
+            )
+
+    def _plan(self, kernel, signature, consts):
+        try:
+            self.npu.plan(kernel, signature, consts)
+        except Exception as e:
+            shapes = ", ".join(f"{tuple(s)} {d}" for s, d in signature)
+            raise type(e)(f"kernel {kernel.name} at ({shapes}) with {consts}: {e}") from None
+
+    def reports(self) -> dict[str, CycleReport | None]:
+        return {phase: cost.total(phase) for phase, cost in self.cost.items()}
+
+
+__all__ = ["Gemma3OnNPU", "FULL", "SLIDING"]

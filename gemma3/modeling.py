@@ -1,0 +1,306 @@
+"""The facade: ``NPUGemma3ForCausalLM`` with Optimum RBLN's API (and its ``RBLN*`` alias).
+
+    model = NPUGemma3ForCausalLM.from_pretrained("path/to/gemma3", rbln_max_seq_len=512)
+    out = model.generate(input_ids, max_new_tokens=32)
+    model.save_pretrained("compiled")     # loads back without recompiling
+
+A directory is *compiled* when it holds ``rbln_config.json`` and ``compiled/`` (device-layout
+weights and the kernels' planned schedules); ``export=None`` compiles unless it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+from emulator import CycleReport, OperandShapeError
+from emulator.errors import EmulatorError
+
+from .config import Gemma3TextConfig
+from .generation import GenerateOutput, GenerationSettings, generate_loop, read_generation_config, to_dict
+from .model import Gemma3OnNPU
+from .plans import load_plans, save_plans
+from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, strip_rbln
+from .tokenizer import Gemma3Tokenizer, TokenizerError
+from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
+
+COMPILED = "compiled"
+WEIGHTS = "weights.safetensors"
+
+
+class GenerationReport:
+    """Emulated cost and host time of one ``generate`` call."""
+
+    def __init__(
+        self,
+        prefill: CycleReport | None,
+        decode: CycleReport | None,
+        prompt_tokens: int,
+        new_tokens: int,
+        host_prefill_s: float,
+        host_decode_s: float,
+    ):
+        self.prefill, self.decode = prefill, decode
+        self.prompt_tokens, self.new_tokens = prompt_tokens, new_tokens
+        self.host_prefill_s, self.host_decode_s = host_prefill_s, host_decode_s
+
+    def table(self) -> str:
+        rows = [
+            f"{'phase':<10}{'tokens':>8}{'emulated cycles':>18}{'emulated ms':>14}{'emulated tok/s':>16}{'host tok/s':>12}"
+        ]
+        for name, rep, n, host in (
+            ("prefill", self.prefill, self.prompt_tokens, self.host_prefill_s),
+            ("decode", self.decode, self.new_tokens, self.host_decode_s),
+        ):
+            if rep is None:
+                rows.append(f"{name:<10}{n:>8}{'-':>18}{'-':>14}{'-':>16}{'-':>12}")
+                continue
+            ms = rep.time_us / 1e3
+            rows.append(
+                f"{name:<10}{n:>8}{rep.cycles:>18,}{ms:>14.3f}{n / (ms / 1e3) if ms else 0:>16,.1f}{n / host if host else 0:>12,.1f}"
+            )
+        return "\n".join(rows)
+
+
+class NPUGemma3ForCausalLM:
+    config_class = NPUGemma3ForCausalLMConfig
+
+    def __init__(
+        self,
+        directory: str,
+        config: Gemma3TextConfig,
+        rbln_config: NPUGemma3ForCausalLMConfig,
+        device_weights: dict,
+        generation_config: dict,
+    ):
+        self.model_dir = directory
+        self.config = config
+        self.rbln_config = rbln_config
+        self.generation_config = generation_config
+        self.runtime = Gemma3OnNPU(config, rbln_config, device_weights)
+        self.max_seq_len = self.runtime.max_seq_len
+        try:
+            self.tokenizer = Gemma3Tokenizer(directory)
+        except TokenizerError:
+            self.tokenizer = None
+        self.last_report: GenerationReport | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, model_id, export: bool | None = None, rbln_config=None, **kwargs):
+        directory = os.fspath(model_id)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"model_id {directory!r} is not a local directory (no hub access here)")
+        overrides, rest = strip_rbln(kwargs)
+        if rest:
+            raise TypeError(f"from_pretrained: unexpected keyword argument(s) {sorted(rest)}")
+        compiled = is_compiled(directory)
+        if export is None:
+            export = not compiled
+        if not export and not compiled:
+            raise ValueError(
+                f"{directory} is not compiled (no {CONFIG_NAME} and {COMPILED}/); pass export=True"
+            )
+        config = Gemma3TextConfig.from_json(os.path.join(directory, "config.json"))
+        gen = read_generation_config(directory)
+        if export:
+            rbln = NPUGemma3ForCausalLMConfig.from_any(rbln_config, **overrides)
+            ckpt = Checkpoint(directory)
+            names = text_weights(ckpt, config)
+            weights = Gemma3OnNPU.device_weights(config, lambda n: ckpt.float32(names[n]))
+            model = cls(directory, config, rbln, weights, gen)
+            model.compile()
+            return model
+        saved = NPUGemma3ForCausalLMConfig.load(directory)
+        rbln = NPUGemma3ForCausalLMConfig.from_any(saved, **overrides)
+        if rbln_config is not None:
+            rbln = NPUGemma3ForCausalLMConfig.from_any(
+                rbln, **NPUGemma3ForCausalLMConfig.from_any(rbln_config).to_dict()
+            )
+        compiled_fields = ("batch_size", "max_seq_len", "prefill_chunk_size", "npu")
+        changed = [f for f in compiled_fields if getattr(rbln, f) != getattr(saved, f)]
+        if changed:
+            raise ValueError(
+                f"{directory} was compiled with other {changed}; load it with export=True to recompile"
+            )
+        f = SafetensorsFile(os.path.join(directory, COMPILED, WEIGHTS))
+        weights = {
+            name: f.raw(name) if f.tensors[name][0].startswith("I") else f.float32(name) for name in f.tensors
+        }
+        model = cls(directory, config, rbln, weights, gen)
+        load_plans(model.runtime.npu, os.path.join(directory, COMPILED))
+        return model
+
+    @classmethod
+    def from_model(cls, model, config=None, rbln_config=None, model_save_dir=None, **kwargs):
+        """Compile a transformers ``Gemma3ForCausalLM`` (needs the oracle extra)."""
+        try:
+            import transformers
+        except ImportError:
+            raise ImportError("from_model needs transformers (pip install 'npu-gemma3[oracle]')") from None
+        if (
+            not isinstance(model, transformers.PreTrainedModel)
+            or getattr(model.config, "model_type", None) != "gemma3_text"
+        ):
+            raise TypeError(
+                f"from_model expects a transformers Gemma3ForCausalLM, got {type(model).__name__}"
+            )
+        if config is not None:
+            model.config = config
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            compiled = cls.from_pretrained(tmp, export=True, rbln_config=rbln_config, **kwargs)
+            if model_save_dir is not None:
+                compiled.save_pretrained(model_save_dir)
+                compiled.model_dir = os.fspath(model_save_dir)
+        return compiled
+
+    def compile(self):
+        """Plan every kernel at the model's static shapes; name any that does not fit."""
+        try:
+            self.runtime.plan_all()
+        except (EmulatorError, OperandShapeError) as e:
+            raise ValueError(f"compiling for {self.runtime.npu.config.name!r}: {e}") from None
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory):
+        """Write config, generation config, tokenizer, rbln_config.json and compiled/ atomically."""
+        target = os.path.abspath(os.fspath(save_directory))
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
+        try:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(self.config.raw, f, indent=2)
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(self.generation_config, f, indent=2)
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+            self.rbln_config.save(tmp)
+            os.makedirs(os.path.join(tmp, COMPILED))
+            tensors = {}
+            for name, t in self.runtime.weights.items():
+                data = t.numpy()
+                tensors[name] = data.astype(ml_dtypes.bfloat16) if t.dtype == "bf16" else data
+            write_safetensors(
+                os.path.join(tmp, COMPILED, WEIGHTS), tensors, {"format": "npu-gemma3 device layout"}
+            )
+            save_plans(self.runtime.npu, os.path.join(tmp, COMPILED))
+            os.chmod(tmp, 0o755)
+            if os.path.exists(target):
+                old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+                os.rename(target, os.path.join(old, "x"))
+                os.rename(tmp, target)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
+        streamer = kwargs.pop("streamer", None)
+        kind, ids = _to_numpy(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        mask = (
+            np.ones_like(ids) if attention_mask is None else _to_numpy(attention_mask)[1].reshape(ids.shape)
+        )
+        batch = ids.shape[0]
+        if batch > self.rbln_config.batch_size:
+            raise ValueError(
+                f"batch of {batch} sequences exceeds the compiled batch_size {self.rbln_config.batch_size}"
+            )
+        model_ids = {k: getattr(self.config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        settings = GenerationSettings.merge(
+            model_ids, self.generation_config, to_dict(generation_config), kwargs
+        )
+        unknown = set(kwargs) - set(GenerationSettings.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"generate: unexpected keyword argument(s) {sorted(unknown)}")
+        lengths = mask.sum(axis=1)
+        n_new = settings.new_tokens(ids.shape[1])
+        if int(lengths.max()) + n_new > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {int(lengths.max())} tokens + {n_new} new tokens exceeds max_seq_len "
+                f"{self.max_seq_len}; compile with a larger rbln_max_seq_len"
+            )
+        rt = self.runtime
+        rt.reset()
+        timer = {"prefill": 0.0, "decode": 0.0, "steps": 0}
+        static_batch = self.rbln_config.batch_size
+
+        def prefill(input_ids, attention_mask):
+            t = time.perf_counter()
+            rows = [rt.prefill(b, input_ids[b][attention_mask[b].astype(bool)]) for b in range(batch)]
+            timer["prefill"] += time.perf_counter() - t
+            return np.stack(rows)
+
+        def decode(tokens):
+            t = time.perf_counter()
+            full = np.zeros(static_batch, np.int64)
+            full[:batch] = tokens
+            logits = rt.decode(full)[:batch]
+            timer["decode"] += time.perf_counter() - t
+            timer["steps"] += 1
+            return logits
+
+        sequences, raw_logits, scores = generate_loop(prefill, decode, ids, mask, settings, streamer)
+        reports = rt.reports()
+        self.last_report = GenerationReport(
+            reports["prefill"],
+            reports["decode"],
+            int(lengths.sum()),
+            timer["steps"] * batch,
+            timer["prefill"],
+            timer["decode"],
+        )
+        sequences = _from_numpy(kind, sequences, input_ids)
+        if settings.return_dict_in_generate:
+            return GenerateOutput(
+                sequences,
+                tuple(_from_numpy(kind, x, input_ids) for x in raw_logits)
+                if settings.output_logits
+                else None,
+                tuple(_from_numpy(kind, x, input_ids) for x in scores) if settings.output_scores else None,
+            )
+        return sequences
+
+
+def is_compiled(directory) -> bool:
+    return os.path.exists(os.path.join(directory, CONFIG_NAME)) and os.path.exists(
+        os.path.join(directory, COMPILED, WEIGHTS)
+    )
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
+        return "torch", x.detach().cpu().numpy().astype(np.int64)
+    if isinstance(x, np.ndarray):
+        return "numpy", x.astype(np.int64)
+    if isinstance(x, (list, tuple)):
+        return "list", np.asarray(x, dtype=np.int64)
+    raise TypeError(f"input_ids must be a NumPy array, a list or a torch tensor, got {type(x).__name__}")
+
+
+def _from_numpy(kind, arr, like):
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    if kind == "list":
+        return arr.tolist()
+    return arr
+
+
+RBLNGemma3ForCausalLM = NPUGemma3ForCausalLM

@@ -1,0 +1,181 @@
+"""Parity of the NPU model with transformers on tiny random Gemma3 models built in code.
+
+Our greedy tokens must equal transformers' for 32 new tokens, and our logits at every step
+must be within 1e-4 (relative to the logit scale) of transformers' logits for the same
+sequence. The NPU runs with fp32 numerics here: the reference numerics the oracle computes in.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from gemma3 import NPUGemma3ForCausalLM, RBLNGemma3ForCausalLM
+from tests.gemma3.oracle import tiny_model
+
+torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
+
+NEW = 32
+RBLN = dict(rbln_npu="tiny", rbln_numerics="fp32", rbln_prefill_chunk_size=64, rbln_max_seq_len=256)
+
+
+def oracle_logits(model, sequences, prompt_mask, n_steps):
+    """transformers' logits for the last prompt position and each generated position."""
+    seq = torch.from_numpy(np.asarray(sequences))
+    mask = torch.ones_like(seq)
+    mask[:, : prompt_mask.shape[1]] = torch.from_numpy(prompt_mask)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(seq, attention_mask=mask, position_ids=position_ids).logits.numpy()
+    start = prompt_mask.shape[1] - 1
+    return [logits[:, start + i] for i in range(n_steps)]
+
+
+def check_parity(tmp_path, prompts, overrides=None, rewrite_config=None, new=NEW, **rbln):
+    hf = tiny_model(tmp_path, **(overrides or {}))
+    if rewrite_config:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps(rewrite_config(cfg)))
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for b, p in enumerate(prompts):  # left padding
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
+    model = NPUGemma3ForCausalLM.from_pretrained(
+        tmp_path, **{**RBLN, "rbln_batch_size": len(prompts), **rbln}
+    )
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    np.testing.assert_array_equal(out.sequences, ref.numpy())
+    steps = oracle_logits(hf, out.sequences, mask, new)
+    for i, (ours, theirs) in enumerate(zip(out.logits, steps)):
+        scale = np.abs(theirs).max()
+        assert np.abs(ours - theirs).max() <= 1e-4 * scale, (
+            f"step {i}: {np.abs(ours - theirs).max() / scale:.2e}"
+        )
+    return model
+
+
+def prompt(n, seed=0):
+    return np.random.default_rng(seed).integers(3, 300, size=n)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, lengths",
+    [
+        ("gqa-short", {}, [20]),
+        ("mqa-one-chunk", {"num_key_value_heads": 1}, [64]),
+        ("window-smaller-than-prompt-two-chunks", {"sliding_window": 16}, [100]),
+        ("softcap", {"final_logit_softcapping": 5.0}, [30]),
+        (
+            "linear-rope",
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            },
+            [40],
+        ),
+        ("batch-of-two-left-padded", {}, [37, 12]),
+    ],
+)
+def test_greedy_tokens_and_logits_match_transformers(tmp_path, name, overrides, lengths):
+    check_parity(tmp_path, [prompt(n, seed=i) for i, n in enumerate(lengths)], overrides)
+
+
+def test_transformers_4_style_config(tmp_path):
+    def to_v4(cfg):
+        rope = cfg.pop("rope_parameters")
+        cfg.pop("layer_types")
+        cfg["rope_theta"] = rope["full_attention"]["rope_theta"]
+        cfg["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        cfg["rope_scaling"] = None
+        cfg["sliding_window_pattern"] = 2  # layers: sliding, full, sliding, as the oracle's
+        return cfg
+
+    check_parity(
+        tmp_path,
+        [prompt(25)],
+        {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+        rewrite_config=to_v4,
+    )
+
+
+def test_save_and_reload_is_bit_identical_without_recompiling(tmp_path, monkeypatch):
+    src = tmp_path / "hf"
+    tiny_model(src)
+    model = RBLNGemma3ForCausalLM.from_pretrained(src, **RBLN)
+    ids = prompt(20)[None]
+    first = model.generate(ids, max_new_tokens=12)
+    model.save_pretrained(tmp_path / "compiled")
+    files = sorted(p.name for p in (tmp_path / "compiled").iterdir())
+    assert {"config.json", "generation_config.json", "rbln_config.json", "compiled"} <= set(files)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+    from emulator import device
+
+    def no_tracing(*a, **k):
+        raise AssertionError("a kernel was traced again after loading a compiled model")
+
+    monkeypatch.setattr(device.NPU, "_emit", no_tracing)
+    again = NPUGemma3ForCausalLM.from_pretrained(tmp_path / "compiled")
+    second = again.generate(ids, max_new_tokens=12)
+    np.testing.assert_array_equal(first, second)
+    assert again.last_report.decode.cycles == model.last_report.decode.cycles
+
+
+def test_input_kinds_come_back_in_kind_and_reports_are_recorded(tmp_path):
+    tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    p = prompt(10)
+    as_list = model.generate([p.tolist()], max_new_tokens=3)
+    as_torch = model.generate(torch.from_numpy(p[None]), max_new_tokens=3)
+    as_numpy = model.generate(p[None], max_new_tokens=3)
+    assert (
+        isinstance(as_list, list) and isinstance(as_torch, torch.Tensor) and isinstance(as_numpy, np.ndarray)
+    )
+    assert as_list == as_torch.tolist() == as_numpy.tolist()
+    rep = model.last_report
+    assert rep.prompt_tokens == 10 and rep.new_tokens == 2  # the first token comes from prefill
+    assert rep.prefill.cycles > 0 and rep.decode.cycles > 0
+    assert "prefill" in rep.table() and "decode" in rep.table()
+
+
+def test_too_long_and_bad_inputs_raise(tmp_path):
+    tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **{**RBLN, "rbln_max_seq_len": 64})
+    with pytest.raises(ValueError, match=r"prompt of 60 tokens \+ 10 new tokens exceeds max_seq_len 64"):
+        model.generate(prompt(60)[None], max_new_tokens=10)
+    with pytest.raises(ValueError, match="exceeds the compiled batch_size 1"):
+        model.generate(np.stack([prompt(5), prompt(5)]), max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['frobnicate'\]"):
+        model.generate(prompt(5)[None], max_new_tokens=2, frobnicate=True)
+
+
+def test_from_model_compiles_a_transformers_model(tmp_path):
+    hf = tiny_model(tmp_path / "hf")
+    model = NPUGemma3ForCausalLM.from_model(hf, model_save_dir=tmp_path / "saved", **RBLN)
+    ids = prompt(12)[None]
+    with torch.no_grad():
+        ref = hf.generate(torch.from_numpy(ids), max_new_tokens=6, do_sample=False)
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=6), ref.numpy())
+    assert (tmp_path / "saved" / "rbln_config.json").exists()
+    with pytest.raises(TypeError, match="expects a transformers Gemma3ForCausalLM"):
+        NPUGemma3ForCausalLM.from_model(object())
