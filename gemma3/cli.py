@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -69,6 +70,8 @@ def generate(args) -> int:
     if args.mode:
         kwargs["rbln_mode"] = args.mode
     t0 = time.perf_counter()
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     if not is_compiled(args.model):
         print("compiling (planning every kernel for the chip) ...", file=sys.stderr, flush=True)
@@ -104,7 +107,13 @@ def generate(args) -> int:
 
 
 def main(argv=None) -> int:
+    from emulator import EmulatorError
+
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        return generate(args)
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except (OSError, ValueError, TypeError, NotImplementedError, EmulatorError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 2

@@ -53,7 +53,9 @@ each (G, hd, P) fp32 partials plus two (G, mac_cols, P) products, in the other h
 SRAM: the staged query rows and mask rows.
 FLOPs (matrix unit): 4 * B * Hq * L * hd (scores and P @ V). DRAM traffic: exactly the
 compulsory bytes, 2 * B * Hkv * L * hd * elt for K and V slots [0, L) plus q, the mask and
-out once each (slots [L, S) are never read): decode is memory bound.
+out once each (slots [L, S) are never read): decode is memory bound. The kernel declares these
+bytes (``set_roofline_bytes``), so the report's roofline is that of the L slots, not of the
+whole (B, Hkv, S, hd) caches.
 """
 
 from __future__ import annotations
@@ -328,6 +330,9 @@ def attention_decode_emit(k, q, k_cache, v_cache, mask, *, scale):
     esz = itemsize(k_cache.dtype)
     plan = decode_plan(cfg, b_, hkv, group, hd, length, esz, itemsize(mask.dtype))
     out = k.output((b_, hq, hd), q.dtype, name="out")
+    # The roofline's bytes: K and V slots [0, L), q, the mask and out once (not all S slots).
+    qo = 2 * b_ * hq * hd * itemsize(q.dtype)
+    k.set_roofline_bytes(2 * b_ * hkv * length * hd * esz + qo + mask.size * itemsize(mask.dtype))
     engines_of = {}
     for e, mine in enumerate(plan.pieces):
         for pc in mine:

@@ -110,6 +110,7 @@ def check_fp32(shape, seed, cfg, kind="random", neg=-np.inf):
     tile, fast = reports
     assert tile == fast  # identical cycle reports: same stream, same schedule
     assert tile.flops == 4 * b * hq * length * hd
+    assert tile.io_bytes == tile.dram_bytes  # the declared roofline bytes are what moved
     assert tile.cycles >= roofline_moved(tile, cfg)
 
 
@@ -202,7 +203,35 @@ def test_dram_traffic_is_the_L_slots_once(shape, cfg):
     reads = 2 * b * hkv * length * hd * 2 + b * hq * hd * 2 + b * length * 4
     assert rep.bytes_by_path.get("dram->local", 0) + rep.bytes_by_path.get("dram->shared", 0) == reads
     assert rep.bytes_by_path["local->dram"] == b * hq * hd * 2
+    # The roofline counts those bytes, not the whole (B, Hkv, S, hd) caches.
+    assert rep.io_bytes == reads + b * hq * hd * 2 == rep.dram_bytes
+    assert rep.roofline_cycles == roofline_moved(rep, cfg)
     assert rep.cycles >= roofline_moved(rep, cfg)
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, hd, b, length",
+    [(4, 1, 256, 1, 512), (4, 1, 256, 1, 4096), (32, 16, 128, 4, 4096)],
+    ids=["270m-L512", "270m-L4096", "27b-B4-L4096"],
+)
+def test_atom_roofline_counts_the_L_slots(hq, hkv, hd, b, length):
+    # Gemma 3 shapes on atom: the roofline is the same whatever the cache length S >= L.
+    npu = NPU("atom")
+    reports = []
+    for s_len in (length, 4 * length):
+        sig = [
+            ((b, hq, hd), "bf16"),
+            ((b, hkv, s_len, hd), "bf16"),
+            ((b, hkv, s_len, hd), "bf16"),
+            ((b, length), "fp32"),
+        ]
+        reports.append(npu.plan(attention_decode, sig, {"scale": hd**-0.5}).report)
+    for rep in reports:
+        assert rep.io_bytes == 2 * b * hkv * length * hd * 2 + 2 * b * hq * hd * 2 + b * length * 4
+        assert rep.io_bytes == rep.dram_bytes
+        assert rep.roofline_cycles == rep.io_bytes / npu.config.dram_bytes_per_cycle  # memory bound
+        assert 70 < rep.pct_of_roofline <= 100
+    assert reports[0].io_bytes == reports[1].io_bytes
 
 
 def test_report_depends_only_on_shapes():
