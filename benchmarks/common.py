@@ -28,14 +28,14 @@ def row(name: str, report) -> dict:
 
 
 def print_rows(rows: list[dict], goal: float | None = None) -> None:
-    head = f"{'case':<34}{'cycles':>12}{'us':>10}{'GFLOP':>9}{'DRAM MB':>9}{'roofline':>10}{'%roof':>7}  util matrix/vector/dma/dram"
+    head = f"{'case':<34}{'cycles':>12}{'us':>10}{'GFLOP':>9}{'DRAM MB':>9}{'roofline':>11}{'%roof':>8}  util matrix/vector/dma/dram"
     print(head)
     print("-" * len(head))
     for r in rows:
         u = r["utilisation"]
         print(
             f"{r['name']:<34}{r['cycles']:>12,}{r['emulated_us']:>10.2f}{r['flops'] / 1e9:>9.3f}"
-            f"{r['dram_bytes'] / 1e6:>9.2f}{r['roofline_cycles']:>10,.0f}{r['pct_of_roofline']:>7.1f}"
+            f"{r['dram_bytes'] / 1e6:>9.2f}{r['roofline_cycles']:>11,.0f}{r['pct_of_roofline']:>8.1f}"
             f"  {100 * u.get('matrix', 0):.0f}/{100 * u.get('vector', 0):.0f}/{100 * u.get('dma', 0):.0f}/{100 * u.get('dram', 0):.0f} %"
         )
     if goal is not None:

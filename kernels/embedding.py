@@ -155,6 +155,8 @@ def embedding_emit(k, ids, table, *, scale: float = 1.0, plan: EmbeddingPlan | N
     tokens, width = ids.shape[0], table.shape[1]
     p = plan or choose_plan(cfg, tokens, width, table.dtype)
     out = k.output((tokens, width), table.dtype, name="out")
+    # Compulsory traffic: the ids, the rows gathered and the rows written (not the whole table).
+    k.set_roofline_bytes(tokens * 4 + 2 * tokens * width * itemsize(table.dtype))
     gt = min(tokens, cfg.num_engines // p.gd)
     programs = []
     for gi, tb in enumerate(split(tokens, gt)):

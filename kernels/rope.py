@@ -219,6 +219,9 @@ def rope_emit(k, x, cos_table, sin_table, positions, *, plan: RopePlan | None = 
             f"rope: {p.tt} tokens x head_dim {hd} exceed vector_max_elements {cfg.vector_max_elements}"
         )
     out = k.output(x.shape, x.dtype, name="out")
+    # Compulsory traffic: x in and out, the positions, and the cos/sin rows gathered.
+    xb, tb_ = itemsize(x.dtype), itemsize(cos_table.dtype)
+    k.set_roofline_bytes(tokens * 4 + 2 * x.size * xb + 2 * tokens * hd * tb_)
     gt = min(tokens, cfg.num_engines // p.gh)
     programs = []
     for gi, tb in enumerate(split(tokens, gt)):
