@@ -17,7 +17,7 @@ def test_readme_first_lines_give_the_two_commands():
     lines = (ROOT / "README.md").read_text().splitlines()[:10]
     assert "Run the main job:" in lines and "Run the tests:" in lines
     test_cmd = lines[lines.index("Run the tests:") + 2].strip()
-    assert test_cmd.endswith("python -m pytest -q") and 'pip install -e ".[test]"' in test_cmd
+    assert test_cmd.endswith("python -m pytest -q") and 'pip install -e ".[test,oracle]"' in test_cmd
 
 
 def test_example_runs_and_writes_its_trace(tmp_path, monkeypatch, capsys):
