@@ -5,7 +5,15 @@ from hypothesis import strategies as st
 
 from emulator import NPU, TINY, round_bf16
 from emulator.dma import RES_DRAM
-from kernels.matmul import matmul, matmul_reference
+from kernels.matmul import (
+    Epilogue,
+    choose_tiling,
+    gelu_tanh_reference,
+    linear,
+    linear_reference,
+    matmul,
+    matmul_reference,
+)
 from tests.strategies import arrays, matmul_shapes, seeds
 
 # A small chip with four engines and eight queues, so the engine grid and the shared-SRAM
@@ -103,3 +111,83 @@ def test_outputs_in_fp32_when_asked():
     ref = round_bf16(a).astype(np.float64) @ round_bf16(b)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert rep.bytes_by_path["local->dram"] == 5 * 7 * 4
+
+
+# ------------------------------------------------------------------ linear: fused epilogue
+
+ACTIVATIONS = st.sampled_from([None, "gelu_tanh"])
+GELU_LIPSCHITZ = 1.13  # max |gelu_tanh'(z)| is 1.129
+
+
+def linear_bound(a, b, bias, z, activation, u_store):
+    """Elementwise bound on |out - reference|: inputs rounded once (u_store each, 0 in fp32
+    numerics), fp32 sums of K products plus the bias, then gelu_tanh (1.13-Lipschitz, plus a few
+    fp32 roundings of |z| (1 + |z|) from its evaluation on the SFU), then the output rounded."""
+    k = a.shape[1]
+    mag = magnitude(a, b) + np.abs(bias)
+    dz = (2 * u_store + (k + 2) * U_FP32) * mag
+    if activation == "gelu_tanh":
+        dz = GELU_LIPSCHITZ * dz + 8 * U_FP32 * np.abs(z) * (1 + np.abs(z))
+    out = gelu_tanh_reference(z) if activation else z
+    return dz + u_store * (np.abs(out) + dz)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=matmul_shapes(),
+    seed=seeds,
+    cfg=CHIPS,
+    activation=ACTIVATIONS,
+    numerics=st.sampled_from(["fp32", "bf16"]),
+)
+def test_linear_both_modes_equal_numpy_and_each_other(shape, seed, cfg, activation, numerics):
+    m, k, n = shape
+    a, b, bias = arrays((m, k), seed), arrays((k, n), seed + 1), arrays((n,), seed + 2)
+    ref = linear_reference(a, b, bias, activation=activation)
+    z = a.astype(np.float64) @ b + bias
+    bound = linear_bound(a, b, bias, z, activation, U_BF16 if numerics == "bf16" else 0.0)
+    reports = []
+    for mode in ("tile", "fast"):
+        out, rep = NPU(cfg, mode=mode, numerics=numerics).run(linear, a, b, bias, activation=activation)
+        # Twice the first-order bound covers the second-order terms it leaves out.
+        assert np.all(np.abs(out - ref) <= 2 * bound + 1e-30), mode
+        reports.append(rep)
+    tile, fast = reports
+    assert tile == fast
+    assert tile.flops == 2 * m * k * n
+    assert tile.cycles >= roofline_moved(tile, cfg)
+    assert tile.io_bytes == (m * k + k * n + n + m * n) * 2
+
+
+@settings(max_examples=10, deadline=None)
+@given(shape=matmul_shapes(), seed=seeds, cfg=CHIPS)
+def test_matmul_with_activation(shape, seed, cfg):
+    m, k, n = shape
+    a, b = arrays((m, k), seed), arrays((k, n), seed + 1)
+    z = a.astype(np.float64) @ b
+    ref = matmul_reference(a, b, activation="gelu_tanh")
+    bound = linear_bound(a, b, np.zeros(n), z, "gelu_tanh", 0.0)
+    reports = []
+    for mode in ("tile", "fast"):
+        out, rep = NPU(cfg, mode=mode, numerics="fp32").run(matmul, a, b, activation="gelu_tanh")
+        assert np.all(np.abs(out - ref) <= 2 * bound + 1e-30), mode
+        reports.append(rep)
+    assert reports[0] == reports[1]
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+@pytest.mark.parametrize("cfg", [TINY, TINY4], ids=["tiny", "tiny4"])
+def test_linear_epilogue_is_fused(cfg, activation):
+    """Bias and activation cost no extra pass: with the same tiling as the plain matmul, the only
+    extra DRAM traffic is each engine's bias columns, the output leaves once, and the epilogue is
+    one instruction per chunk, as the plain cast."""
+    m, k, n = 40, 100, 90
+    t = choose_tiling(cfg, m, k, n, epilogue=Epilogue(bias=True, activation=activation))
+    sig = [((m, k), "bf16"), ((k, n), "bf16")]
+    plain = NPU(cfg).plan(matmul, sig, {"tiling": t}).report
+    fused = NPU(cfg).plan(linear, sig + [((n,), "bf16")], {"activation": activation, "tiling": t}).report
+    assert fused.bytes_by_path["local->dram"] == m * n * 2
+    assert fused.dram_bytes - plain.dram_bytes == t.gm * n * 2  # every row block reads all of bias
+    op = f"activation.{activation}" if activation else "vector.add"
+    assert fused.instructions[op] == plain.instructions["vector.copy"]
+    assert "vector.copy" not in fused.instructions
