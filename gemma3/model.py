@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from emulator import NPU, CycleReport
+from emulator import NPU, CycleReport, EmulatorError
 from kernels.attention_decode import attention_decode, decode_kv_tile
 from kernels.attention_prefill import attention_prefill
 from kernels.embedding import embedding
@@ -107,7 +107,11 @@ class Gemma3OnNPU:
     # ------------------------------------------------------------------ kernels
 
     def _run(self, phase, kernel, *inputs, **consts):
-        out, report = self.npu.run(kernel, *inputs, **consts)
+        try:
+            out, report = self.npu.run(kernel, *inputs, **consts)
+        except EmulatorError as e:
+            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+            raise type(e)(f"kernel {kernel.name} on inputs {shapes}: {e}") from None
         self.cost[phase].add(report)
         return out
 

@@ -179,3 +179,46 @@ def test_from_model_compiles_a_transformers_model(tmp_path):
     assert (tmp_path / "saved" / "rbln_config.json").exists()
     with pytest.raises(TypeError, match="expects a transformers Gemma3ForCausalLM"):
         NPUGemma3ForCausalLM.from_model(object())
+
+
+def test_tile_mode_generates_the_same_tokens_as_fast_mode(tmp_path):
+    tiny_model(tmp_path, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    ids = prompt(12)[None]
+    outs, reports = [], []
+    for mode in ("fast", "tile"):
+        model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **{**RBLN, "rbln_mode": mode})
+        outs.append(model.generate(ids, max_new_tokens=3))
+        reports.append(model.last_report)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert reports[0].prefill.cycles == reports[1].prefill.cycles
+    assert reports[0].decode.cycles == reports[1].decode.cycles
+
+
+def test_compiling_names_the_kernel_that_does_not_fit(tmp_path):
+    from emulator import TINY
+
+    tiny_model(tmp_path)
+    small = TINY.replace(name="small", local_sram_bytes=4096, shared_sram_bytes=4096)
+    with pytest.raises(
+        ValueError,
+        match=r"compiling for 'small': kernel matmul on inputs \(64, 64\), \(64, 128\): .*fits 4096 B of local SRAM",
+    ):
+        NPUGemma3ForCausalLM.from_pretrained(tmp_path, **{**RBLN, "rbln_npu": small})
+
+
+def test_a_transformers_text_streamer_works(tmp_path, capsys):
+    import json
+
+    from transformers import AutoTokenizer, TextStreamer
+
+    from tests.gemma3.tokenizer_fixture import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    vocab = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]) + 8
+    tiny_model(tmp_path, vocab_size=vocab)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = hf_tok("The capital of France is", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=6, streamer=TextStreamer(hf_tok, skip_prompt=True))
+    printed = capsys.readouterr().out
+    assert printed.strip() == hf_tok.decode(out[0, ids.shape[1] :]).strip()
