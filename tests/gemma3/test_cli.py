@@ -20,7 +20,9 @@ def model_dir(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "gemma3", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gemma3", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_help_lists_every_command():
@@ -30,13 +32,42 @@ def test_help_lists_every_command():
 
 def test_generate_streams_text_and_prints_the_cost_table(model_dir, tmp_path):
     trace = tmp_path / "run.json"
-    out = run("generate", "--model", str(model_dir), "--prompt", "The capital of France is", "--max-new-tokens", "5", "--npu", "tiny", "--trace", str(trace))
+    out = run(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "5",
+        "--npu",
+        "tiny",
+        "--trace",
+        str(trace),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The capital of France is")
     for part in ("phase", "prefill", "decode", "emulated cycles", "host tok/s"):
         assert part in out.stdout
     assert json.loads(trace.read_text())["traceEvents"]
-    chat = run("generate", "--model", str(model_dir), "--prompt", "Hello", "--chat", "--max-new-tokens", "3", "--npu", "tiny", "--temperature", "0.8", "--top-k", "5", "--seed", "1")
+    chat = run(
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--max-new-tokens",
+        "3",
+        "--npu",
+        "tiny",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "5",
+        "--seed",
+        "1",
+    )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("Hello\n")
 
