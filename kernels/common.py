@@ -103,7 +103,9 @@ def stream_rows(
     in_row_bytes = sum(op.view.shape[1] * itemsize(op.view.dtype) for op in inputs if op.per_row)
     out_row_bytes = sum(o.shape[1] * itemsize(o.dtype) for o in outputs)
     scratch_elems = sum(w for w, _ in scratch.values())
-    widest = max([op.view.shape[1] for op in inputs] + [o.shape[1] for o in outputs] + [w for w, _ in scratch.values()])
+    widest = max(
+        [op.view.shape[1] for op in inputs] + [o.shape[1] for o in outputs] + [w for w, _ in scratch.values()]
+    )
     per_engine = split(rows, cfg.num_engines)[0][1]
     # At least ~4 tiles per engine, so loads, compute and stores pipeline.
     tr = tile_rows or row_tile(
@@ -131,7 +133,10 @@ def _engine_rows(k, e, r0, rl, tr, inputs, outputs, body, scratch, depth, setup)
             once.append(t)
     consts = setup(k, e, once) if setup else once
     in_slots = [
-        [k.alloc((tr, op.view.shape[1]), op.view.dtype, engine=e, name=f"in{j}_{s}_e{e}") for s in range(depth)]
+        [
+            k.alloc((tr, op.view.shape[1]), op.view.dtype, engine=e, name=f"in{j}_{s}_e{e}")
+            for s in range(depth)
+        ]
         if op.per_row
         else None
         for j, op in enumerate(inputs)
@@ -159,4 +164,3 @@ def _engine_rows(k, e, r0, rl, tr, inputs, outputs, body, scratch, depth, setup)
         for j, o in enumerate(outputs):
             k.dma(o[rows], outs[j], queue=q_out)
         yield
-
