@@ -59,11 +59,18 @@ class Gemma3OnNPU:
         self.max_seq_len = rbln.max_seq_len or config.max_position_embeddings
         self.npu = NPU(rbln.npu_config, mode=rbln.mode, numerics=rbln.numerics)
         self.weights = {name: self.npu.to_device(a, name=name) for name, a in weights.items()}
-        self.window = min(config.sliding_window, self.max_seq_len)
+        self.window = config.sliding_window
         self.kv_tile = decode_kv_tile(self.npu.config)
+        if self.window < self.max_seq_len and self.window % self.kv_tile:
+            raise NotImplementedError(
+                f"sliding_window {config.sliding_window} is not a multiple of the decode KV tile "
+                f"{self.kv_tile} of {self.npu.config.name!r}: the ring buffer must hold whole tiles"
+            )
+        # Global caches hold whole KV tiles: slots past max_seq_len are never visible.
+        global_slots = math.ceil(self.max_seq_len / self.kv_tile) * self.kv_tile
         self.caches = []
         for i in range(config.num_hidden_layers):
-            slots = self.window if config.is_sliding(i) else self.max_seq_len
+            slots = self.window if self.ring(i) else global_slots
             shape = (rbln.batch_size, config.num_key_value_heads, slots, config.head_dim)
             zeros = np.zeros(shape, np.float32)
             self.caches.append(
@@ -71,6 +78,11 @@ class Gemma3OnNPU:
             )
         self.positions = np.zeros(rbln.batch_size, np.int64)  # next position of each sequence
         self.cost = {"prefill": PhaseCost(), "decode": PhaseCost()}
+
+    def ring(self, layer: int) -> bool:
+        """Whether a layer's cache is a ring buffer of ``sliding_window`` slots (a sliding layer
+        of a model compiled for more positions than the window) or holds every position."""
+        return self.c.is_sliding(layer) and self.window < self.max_seq_len
 
     # ------------------------------------------------------------------ device layout
 
@@ -155,7 +167,7 @@ class Gemma3OnNPU:
         """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T)."""
         c = self.c
         k_cache, v_cache = self.caches[i]
-        slots = positions % self.window if c.is_sliding(i) else positions  # (B', T)
+        slots = positions % self.window if self.ring(i) else positions  # (B', T)
         hkv, s = c.num_key_value_heads, k_cache.shape[2]
         seq = np.arange(b0, b0 + k.shape[0])[:, None, None]
         rows = ((seq * hkv + np.arange(hkv)[None, None, :]) * s + slots[:, :, None]).astype(
@@ -188,7 +200,6 @@ class Gemma3OnNPU:
 
             def attend(i, q, k, v, start=start, valid=valid, positions=positions):
                 k_cache, v_cache = self.caches[i]
-                sliding = c.is_sliding(i)
                 out = self._run(
                     "prefill",
                     attention_prefill,
@@ -199,8 +210,8 @@ class Gemma3OnNPU:
                     v_cache,
                     q_start=start,
                     scale=c.attention_scale,
-                    window=c.sliding_window if sliding else None,
-                    ring=sliding,
+                    window=self.window if c.is_sliding(i) else None,
+                    ring=self.ring(i),
                     batch=b,
                 )
                 self._write_cache("prefill", i, b, k[None, :valid], v[None, :valid], positions[None, :valid])
@@ -228,11 +239,13 @@ class Gemma3OnNPU:
             reach = int(min(pos.max() + 1, slots))
             length = min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
             j = np.arange(length)[None, :]
-            if c.is_sliding(i):
+            if self.ring(i):
                 # Ring slot j holds position p = pos - ((pos - j) mod window); valid once written.
                 visible = (pos[:, None] - ((pos[:, None] - j) % self.window)) >= 0
-            else:
+            else:  # slot = position; a sliding layer still sees only the window
                 visible = j <= pos[:, None]
+                if c.is_sliding(i):
+                    visible &= j > pos[:, None] - self.window
             mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
             out = self._run("decode", attention_decode, q, k_cache, v_cache, mask, scale=c.attention_scale)
             return out.reshape(q.shape[0], -1)
@@ -259,7 +272,6 @@ class Gemma3OnNPU:
         for i in sorted({c.layer_types.index(t) for t in set(c.layer_types)}):
             k_cache = self.caches[i][0]
             cache = (k_cache.shape, "bf16")
-            sliding = c.is_sliding(i)
             self._plan(
                 attention_prefill,
                 [
@@ -272,8 +284,8 @@ class Gemma3OnNPU:
                 dict(
                     q_start=last,
                     scale=c.attention_scale,
-                    window=c.sliding_window if sliding else None,
-                    ring=sliding,
+                    window=self.window if c.is_sliding(i) else None,
+                    ring=self.ring(i),
                     batch=0,
                 ),
             )
