@@ -32,6 +32,7 @@ from kernels.rope import rope as rope_kernel
 from kernels.rope import rope_tables
 
 from .config import FULL, SLIDING, Gemma3TextConfig
+from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
 
 
@@ -58,7 +59,10 @@ class Gemma3OnNPU:
         self.rbln = rbln
         self.max_seq_len = rbln.max_seq_len or config.max_position_embeddings
         self.npu = NPU(rbln.npu_config, mode=rbln.mode, numerics=rbln.numerics)
-        self.weights = {name: self.npu.to_device(a, name=name) for name, a in weights.items()}
+        self.weights = {
+            name: self.npu.to_device(a, name=name)
+            for name, a in progress(weights.items(), "weights to DRAM", total=len(weights))
+        }
         self.window = config.sliding_window
         self.kv_tile = decode_kv_tile(self.npu.config)
         if self.window < self.max_seq_len and self.window % self.kv_tile:
@@ -262,10 +266,18 @@ class Gemma3OnNPU:
         the attention kernels are also planned at their largest (the last prefill chunk
         against a full global cache, decode over the whole cache). Plans for the shapes in
         between are made when first used and saved with the model."""
+        b = self.rbln.batch_size
+        steps = [
+            lambda: self.prefill(0, np.zeros(1, np.int64)),
+            lambda: self.decode(np.zeros(b, np.int64)),
+            self.reset,
+            self._plan_largest_attention,
+        ]
+        for step in progress(steps, "compiling"):
+            step()
+
+    def _plan_largest_attention(self) -> None:
         c, b = self.c, self.rbln.batch_size
-        self.prefill(0, np.zeros(1, np.int64))
-        self.decode(np.zeros(b, np.int64))
-        self.reset()
         chunk = self.rbln.prefill_chunk_size
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         last = (self.max_seq_len - 1) // chunk * chunk
