@@ -332,10 +332,7 @@ class KernelContext:
         iid = len(self._ops)
         label = f"gather #{iid} {table.name}[{indices.name}] -> {dst.name}"
         self._check_indirect(label, queue, table, indices, dst)
-        latency, res = dma_mod.route(self.config, label, table.buffer.memory, dst.buffer.memory)
-        nbytes = dst.nbytes
-        path = f"{table.buffer.memory}->{dst.buffer.memory}"
-        self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + nbytes
+        latency, res, nbytes = self._transfer(label, table, dst)
         if self.execute:
             self._check_read(label, indices)
             idx = self._checked_indices(label, indices, table)
@@ -367,10 +364,7 @@ class KernelContext:
         iid = len(self._ops)
         label = f"scatter #{iid} {src.name} -> {table.name}[{indices.name}]"
         self._check_indirect(label, queue, table, indices, src)
-        latency, res = dma_mod.route(self.config, label, src.buffer.memory, table.buffer.memory)
-        nbytes = src.nbytes
-        path = f"{src.buffer.memory}->{table.buffer.memory}"
-        self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + nbytes
+        latency, res, nbytes = self._transfer(label, src, table, nbytes=src.nbytes)
         if self.execute:
             self._check_read(label, indices)
             self._check_read(label, src)
@@ -392,6 +386,15 @@ class KernelContext:
             after,
             unordered=unordered,
         )
+
+    def _transfer(self, label, src, dst, nbytes=None):
+        """Route an indirect transfer and count its bytes (those of its rows, ``dst`` unless
+        given); return (latency, resource flags, bytes)."""
+        latency, res = dma_mod.route(self.config, label, src.buffer.memory, dst.buffer.memory)
+        nbytes = dst.nbytes if nbytes is None else nbytes
+        path = f"{src.buffer.memory}->{dst.buffer.memory}"
+        self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + nbytes
+        return latency, res, nbytes
 
     def _check_indirect(self, label, queue, table, indices, rows):
         if not 0 <= queue < self.config.dma_queues:
