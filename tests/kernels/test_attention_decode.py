@@ -13,28 +13,13 @@ from kernels.attention_decode import (
     decode_kv_tile,
     decode_plan,
 )
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, decode_shapes, seeds
 
-# A small chip with four engines and eight queues: the KV length is split over engines and
-# the partials are combined on device at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 the KV length is split over engines and the partials are combined on device at
+# test sizes.
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
-
-
-@st.composite
-def decode_shapes(draw, *, max_tiles: int = 6):
-    """(B, Hkv, G, hd, S, n_tiles): GQA ratios 1, 2, 8; head dims off every tile size (TINY's
-    MAC block is 8, its matmul limit 64); S is any length >= L."""
-    b = draw(st.integers(1, 3), label="B")
-    hkv = draw(st.sampled_from([1, 1, 2, 3]), label="Hkv")
-    group = draw(st.sampled_from([1, 2, 8]), label="G")
-    hd = draw(st.one_of(st.sampled_from([1, 7, 8, 9, 17, 33, 64, 65, 72]), st.integers(1, 80)), label="hd")
-    n_tiles = draw(st.integers(1, max_tiles), label="L tiles")
-    extra = draw(st.integers(0, 13), label="S - L")
-    return b, hkv, group, hd, n_tiles, extra
 
 
 def masks(b, length, seed, kind, neg):
@@ -118,7 +103,7 @@ def check_fp32(shape, seed, cfg, kind="random", neg=-np.inf):
 @given(
     shape=decode_shapes(),
     seed=seeds,
-    cfg=CHIPS,
+    cfg=chips,
     kind=st.sampled_from(["random", "left_pad", "window", "ring"]),
 )
 def test_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg, kind):
@@ -154,7 +139,7 @@ def test_fully_masked_pieces_contribute_nothing(neg):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=decode_shapes(max_tiles=4), seed=seeds, cfg=CHIPS)
+@given(shape=decode_shapes(max_tiles=4), seed=seeds, cfg=chips)
 def test_bf16_within_bf16_tolerance(shape, seed, cfg):
     q, kc, vc, mask, scale = make_inputs(shape, seed)
     hq, length = q.shape[1], mask.shape[1]
@@ -183,7 +168,7 @@ def test_slots_from_L_on_are_never_read():
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=decode_shapes(max_tiles=8), cfg=CHIPS)
+@given(shape=decode_shapes(max_tiles=8), cfg=chips)
 def test_dram_traffic_is_the_L_slots_once(shape, cfg):
     b, hkv, group, hd, n_tiles, extra = shape
     length = n_tiles * decode_kv_tile(cfg)

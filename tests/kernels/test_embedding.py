@@ -5,28 +5,13 @@ from hypothesis import strategies as st
 
 from emulator import NPU, TINY, KernelError, OutOfBoundsError, round_bf16
 from kernels.embedding import EmbeddingPlan, embedding, embedding_reference
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, embedding_cases, seeds
 
-# A small chip with four engines and eight queues, so token blocks and column blocks over
-# engines (one decode token: every engine gathers a slice of the row) run at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
-VMAX = TINY.vector_max_elements
+# On TINY4 token blocks and column blocks over engines (one decode token: every engine gathers
+# a slice of the row) run at test sizes.
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
-
-
-@st.composite
-def embedding_cases(draw, *, max_tokens: int = 40, max_vocab: int = 300, max_width: int = 600):
-    """(T, V, D): single tokens, sizes that are not multiples of any tile, and (rarely) rows
-    wider than one vector instruction."""
-    tokens = draw(st.one_of(st.sampled_from([1, 2, 3, 7, 9, 17, 33]), st.integers(1, max_tokens)), label="T")
-    vocab = draw(st.integers(1, max_vocab), label="V")
-    width = draw(
-        st.one_of(st.sampled_from([1, 2, 3, 8, 63, 65, VMAX + 1]), st.integers(1, max_width)), label="D"
-    )
-    return tokens, vocab, width
 
 
 def make_inputs(case, seed):
@@ -48,7 +33,7 @@ def run_both(cfg, numerics, *inputs, **consts):
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=embedding_cases(), seed=seeds, scale=st.sampled_from([1.0, 0.5, 25.3, 73.3]), cfg=CHIPS)
+@given(case=embedding_cases(), seed=seeds, scale=st.sampled_from([1.0, 0.5, 25.3, 73.3]), cfg=chips)
 def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, scale, cfg):
     ids, table = make_inputs(case, seed)
     ref = embedding_reference(ids, table, scale=scale)
@@ -69,7 +54,7 @@ def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, scale, cfg):
 
 
 @settings(max_examples=30, deadline=None)
-@given(case=embedding_cases(max_tokens=20), seed=seeds, cfg=CHIPS)
+@given(case=embedding_cases(max_tokens=20), seed=seeds, cfg=chips)
 def test_bf16_within_bf16_tolerance(case, seed, cfg):
     ids, table = make_inputs(case, seed)
     scale = float(round_bf16(np.sqrt(np.float32(table.shape[1]))))  # Gemma: sqrt(D) in the weight dtype

@@ -8,35 +8,13 @@ from hypothesis import strategies as st
 from emulator import NPU, TINY, KernelError, round_bf16
 from emulator.dma import RES_DRAM
 from kernels.kvcache import cache_rows, kv_cache_write, kv_cache_write_reference, write_plan
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, kv_cache_writes, seeds
 
-# A small chip with four engines and eight queues: tiles land on several engines' SRAM.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 tiles land on several engines' SRAM.
 ATOM = NPU("atom").config
 
 # Gemma 3 KV heads and head dims: 270M, 4B, 27B.
 GEMMA3 = {"270m": (1, 256), "4b": (4, 256), "27b": (16, 128)}
-
-
-@st.composite
-def writes(draw, *, max_len: int = 40):
-    """(B, Hkv, S, hd, slots (B', T), batch offset): a global cache (slot = position, positions
-    stay below S) or a ring buffer (slot = position % S; a chunk may wrap around, and may be
-    longer than the ring), prefill chunks (T > 1) and decode (T = 1, each sequence at its own
-    position), for all B sequences of the cache or B' of them from an offset."""
-    b = draw(st.integers(1, 3), label="B")
-    hkv = draw(st.integers(1, 3), label="Hkv")
-    s_len = draw(st.integers(1, max_len), label="S")
-    hd = draw(st.one_of(st.sampled_from([1, 7, 8, 9, 17, 65]), st.integers(1, 80)), label="hd")
-    ring = draw(st.booleans(), label="ring")
-    t = draw(st.one_of(st.just(1), st.integers(1, 3 * s_len if ring else s_len)), label="T")
-    top = 4 * s_len if ring else s_len - t  # first position of the chunk, per sequence
-    b_new = draw(st.integers(1, b), label="B'")
-    offset = draw(st.integers(0, b - b_new), label="batch offset")
-    starts = np.array(draw(st.lists(st.integers(0, top), min_size=b_new, max_size=b_new), label="starts"))
-    slots = starts[:, None] + np.arange(t)[None, :]
-    return b, hkv, s_len, hd, slots % s_len if ring else slots, offset
 
 
 def run_both(cfg, numerics, cache, new, rows):
@@ -111,7 +89,7 @@ def check_write(b, hkv, s_len, hd, slots, seed, cfg, numerics, offset=0):
 
 
 @settings(max_examples=80, deadline=None)
-@given(w=writes(), seed=seeds, cfg=CHIPS, numerics=st.sampled_from(["fp32", "bf16"]))
+@given(w=kv_cache_writes(), seed=seeds, cfg=chips, numerics=st.sampled_from(["fp32", "bf16"]))
 def test_writes_the_new_rows_and_nothing_else(w, seed, cfg, numerics):
     b, hkv, s_len, hd, slots, offset = w
     check_write(b, hkv, s_len, hd, slots, seed, cfg, numerics, offset)

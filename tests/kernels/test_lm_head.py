@@ -5,25 +5,12 @@ from hypothesis import strategies as st
 
 from emulator import NPU, TINY, KernelError, round_bf16
 from kernels.lm_head import LmHeadPlan, lm_head, lm_head_reference
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, lm_head_cases, seeds
 
-# A small chip with four engines and eight queues, so V splits over engines and engine 0
-# combines their partial maxima at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 V splits over engines and engine 0 combines their partial maxima at test sizes.
 VMAX = TINY.vector_max_elements
 
 U_FP32 = 2.0**-24
-
-
-@st.composite
-def lm_head_cases(draw, *, max_d: int = 150, max_v: int = 700):
-    """(B, D, V): B in {1, 2, 3}; D and V not multiples of any tile (1, primes, tile +- 1)."""
-    awkward = st.sampled_from([1, 2, 3, 7, 8, 9, 17, 63, 64, 65, 127, 129])
-    b = draw(st.sampled_from([1, 2, 3]), label="B")
-    d = draw(st.one_of(awkward, st.integers(1, max_d)), label="D")
-    v = draw(st.one_of(awkward, st.integers(1, max_v)), label="V")
-    return b, d, v
 
 
 def roofline_moved(rep, cfg):
@@ -52,7 +39,7 @@ def check_next_token(logits, next_token, ids):
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=lm_head_cases(), seed=seeds, softcap=st.sampled_from([None, 5.0, 30.0]), cfg=CHIPS)
+@given(case=lm_head_cases(), seed=seeds, softcap=st.sampled_from([None, 5.0, 30.0]), cfg=chips)
 def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, softcap, cfg):
     b, d, v = case
     x, w = arrays((b, d), seed), arrays((d, v), seed + 1)
@@ -74,7 +61,7 @@ def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, softcap, cfg):
 
 
 @settings(max_examples=30, deadline=None)
-@given(case=lm_head_cases(max_d=80, max_v=400), seed=seeds, softcap=st.sampled_from([None, 30.0]), cfg=CHIPS)
+@given(case=lm_head_cases(max_d=80, max_v=400), seed=seeds, softcap=st.sampled_from([None, 30.0]), cfg=chips)
 def test_bf16_inputs_fp32_logits(case, seed, softcap, cfg):
     b, d, v = case
     x, w = arrays((b, d), seed), arrays((d, v), seed + 1)
@@ -88,7 +75,7 @@ def test_bf16_inputs_fp32_logits(case, seed, softcap, cfg):
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=lm_head_cases(max_d=40), seed=seeds, softcap=st.sampled_from([None, 30.0]), cfg=CHIPS)
+@given(case=lm_head_cases(max_d=40), seed=seeds, softcap=st.sampled_from([None, 30.0]), cfg=chips)
 def test_ties_take_the_first_index(case, seed, softcap, cfg):
     # Small integers: every product and sum is exact in bf16 and fp32, so logits tie exactly
     # (many times over) and the first maximum is well defined in both modes and the reference.

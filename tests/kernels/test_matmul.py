@@ -14,12 +14,9 @@ from kernels.matmul import (
     matmul,
     matmul_reference,
 )
-from tests.strategies import arrays, matmul_shapes, seeds
+from tests.strategies import TINY4, arrays, chips, matmul_shapes, seeds
 
-# A small chip with four engines and eight queues, so the engine grid and the shared-SRAM
-# staging run at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 the engine grid and the shared-SRAM staging run at test sizes.
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
@@ -50,7 +47,7 @@ def check_fp32_both_modes(shape, seed, cfg):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=matmul_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=matmul_shapes(), seed=seeds, cfg=chips)
 def test_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg):
     check_fp32_both_modes(shape, seed, cfg)
 
@@ -62,7 +59,7 @@ def test_fp32_regressions(shape, cfg):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=matmul_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=matmul_shapes(), seed=seeds, cfg=chips)
 def test_bf16_within_bf16_tolerance(shape, seed, cfg):
     m, k, n = shape
     a, b = arrays((m, k), seed), arrays((k, n), seed + 1)
@@ -76,7 +73,7 @@ def test_bf16_within_bf16_tolerance(shape, seed, cfg):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=matmul_shapes(), cfg=CHIPS)
+@given(shape=matmul_shapes(), cfg=chips)
 def test_report_bytes_equal_what_the_descriptors_moved(shape, cfg):
     m, k, n = shape
     rep = NPU(cfg).plan(matmul, [((m, k), "bf16"), ((k, n), "bf16")], {}).report
@@ -136,7 +133,7 @@ def linear_bound(a, b, bias, z, activation, u_store):
 @given(
     shape=matmul_shapes(),
     seed=seeds,
-    cfg=CHIPS,
+    cfg=chips,
     activation=ACTIVATIONS,
     numerics=st.sampled_from(["fp32", "bf16"]),
 )
@@ -160,7 +157,7 @@ def test_linear_both_modes_equal_numpy_and_each_other(shape, seed, cfg, activati
 
 
 @settings(max_examples=10, deadline=None)
-@given(shape=matmul_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=matmul_shapes(), seed=seeds, cfg=chips)
 def test_matmul_with_activation(shape, seed, cfg):
     m, k, n = shape
     a, b = arrays((m, k), seed), arrays((k, n), seed + 1)

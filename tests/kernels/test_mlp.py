@@ -6,10 +6,8 @@ from hypothesis import strategies as st
 from emulator import NPU, TINY, round_bf16
 from kernels.matmul import gelu_tanh_reference
 from kernels.mlp import geglu_mlp, plan_mlp, siglip_mlp
-from tests.strategies import arrays, matmul_shapes, seeds
+from tests.strategies import TINY4, arrays, chips, matmul_shapes, seeds
 
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
 # (T, D, F): T past matmul_max_m (64) on tiny, D past matmul_max_k, F past matmul_max_n, all
 # biased to 1, primes and tile +- 1; small enough that tile mode (Python per instruction) is quick.
 MLP_SHAPES = matmul_shapes(max_m=70, max_k=100, max_n=150)
@@ -98,19 +96,19 @@ def check(kind, shape, seed, cfg, numerics="fp32"):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=MLP_SHAPES, seed=seeds, cfg=CHIPS)
+@given(shape=MLP_SHAPES, seed=seeds, cfg=chips)
 def test_geglu_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg):
     check("geglu", shape, seed, cfg)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=MLP_SHAPES, seed=seeds, cfg=CHIPS)
+@given(shape=MLP_SHAPES, seed=seeds, cfg=chips)
 def test_siglip_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg):
     check("siglip", shape, seed, cfg)
 
 
 @settings(max_examples=12, deadline=None)
-@given(kind=st.sampled_from(["geglu", "siglip"]), shape=MLP_SHAPES, seed=seeds, cfg=CHIPS)
+@given(kind=st.sampled_from(["geglu", "siglip"]), shape=MLP_SHAPES, seed=seeds, cfg=chips)
 def test_bf16_within_bf16_tolerance(kind, shape, seed, cfg):
     check(kind, shape, seed, cfg, numerics="bf16")
 

@@ -5,33 +5,14 @@ from hypothesis import strategies as st
 
 from emulator import NPU, TINY, KernelError, round_bf16
 from kernels.norms import layernorm, layernorm_reference, rmsnorm, rmsnorm_reference
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, row_shapes, seeds
 
-# A small chip with four engines and eight queues, so rows split over engines at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 rows split over engines at test sizes.
 # 1e-3: mean squares near eps = 1e-6, so where eps enters the formula shows in the result.
 SCALES = st.sampled_from([1.0, 1e-3])
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
-
-# Rows and widths biased to sizes that are no multiple of any tile: TINY has 16 vector lanes,
-# 8 SFU lanes, 4096 elements per vector instruction, and row tiles of a quarter of an
-# engine's rows.
-AWKWARD = st.sampled_from([1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 127, 129])
-
-
-def dims(limit):
-    return st.one_of(AWKWARD.filter(lambda d: d <= limit), st.integers(1, limit))
-
-
-@st.composite
-def row_shapes(draw):
-    """(rows, width), or (T, H, hd) for per-head use with width = hd."""
-    if draw(st.booleans(), label="per_head"):
-        return (draw(dims(9), label="T"), draw(dims(5), label="H"), draw(dims(40), label="hd"))
-    return (draw(dims(40), label="rows"), draw(dims(300), label="width"))
 
 
 def roofline_moved(rep, cfg):
@@ -67,7 +48,7 @@ def rms_tolerance(x, w, width, bf16: bool):
 
 
 @settings(max_examples=100, deadline=None)
-@given(shape=row_shapes(), seed=seeds, cfg=CHIPS, scale=SCALES)
+@given(shape=row_shapes(), seed=seeds, cfg=chips, scale=SCALES)
 def test_rmsnorm_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg, scale):
     width = shape[-1]
     x, w = arrays(shape, seed, scale), arrays((width,), seed + 1, 0.5)
@@ -80,7 +61,7 @@ def test_rmsnorm_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg, sc
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=row_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=row_shapes(), seed=seeds, cfg=chips)
 def test_rmsnorm_bf16_within_bf16_tolerance(shape, seed, cfg):
     width = shape[-1]
     x, w = round_bf16(arrays(shape, seed, 3.0)), round_bf16(arrays((width,), seed + 1, 0.5))
@@ -131,7 +112,7 @@ def ln_tolerance(x, w, b, bf16: bool):
 @given(
     shape=row_shapes(),
     seed=seeds,
-    cfg=CHIPS,
+    cfg=chips,
     scale=SCALES,
     offset=st.sampled_from([0.0, 3.0]),  # a mean far from 0: the variance must be two-pass
 )
@@ -148,7 +129,7 @@ def test_layernorm_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=row_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=row_shapes(), seed=seeds, cfg=chips)
 def test_layernorm_bf16_within_bf16_tolerance(shape, seed, cfg):
     d = shape[-1]
     x = round_bf16(arrays(shape, seed, 2.0) + np.float32(1.0))

@@ -5,27 +5,14 @@ from hypothesis import strategies as st
 
 from emulator import NPU, TINY, KernelError, OutOfBoundsError, round_bf16
 from kernels.rope import RopePlan, rope, rope_reference, rope_tables, rotate_half
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, rope_cases, seeds
 
-# A small chip with four engines and eight queues, so token blocks and head blocks over
-# engines (decode: fewer tokens than engines) run at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 token blocks and head blocks over engines (decode: fewer tokens than engines) run
+# at test sizes.
 VMAX = TINY.vector_max_elements
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
-
-
-@st.composite
-def rope_cases(draw, *, max_tokens: int = 40, max_heads: int = 6):
-    """(T, H, hd, P): single tokens, token counts that are not multiples of any tile, head
-    dims up to Gemma3's 256, tables longer or shorter than T."""
-    tokens = draw(st.one_of(st.sampled_from([1, 2, 3, 7, 9, 17, 33]), st.integers(1, max_tokens)), label="T")
-    heads = draw(st.integers(1, max_heads), label="H")
-    hd = draw(st.sampled_from([2, 4, 8, 16, 32, 64, 128, 256]), label="hd")
-    positions = draw(st.integers(1, 300), label="P")
-    return tokens, heads, hd, positions
 
 
 def make_inputs(case, seed, base, factor, numerics):
@@ -60,7 +47,7 @@ def run_both(cfg, numerics, *inputs, **consts):
     seed=seeds,
     base=st.sampled_from([10000.0, 1e6]),
     factor=st.sampled_from([1.0, 8.0]),
-    cfg=CHIPS,
+    cfg=chips,
 )
 def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, base, factor, cfg):
     x, cos, sin, pos = make_inputs(case, seed, base, factor, "fp32")
@@ -78,7 +65,7 @@ def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, base, factor, cf
 
 
 @settings(max_examples=15, deadline=None)
-@given(case=rope_cases(max_tokens=20), seed=seeds, base=st.sampled_from([10000.0, 1e6]), cfg=CHIPS)
+@given(case=rope_cases(max_tokens=20), seed=seeds, base=st.sampled_from([10000.0, 1e6]), cfg=chips)
 def test_bf16_within_bf16_tolerance(case, seed, base, cfg):
     x, cos, sin, pos = make_inputs(case, seed, base, 8.0, "bf16")
     xr = round_bf16(x)

@@ -5,34 +5,13 @@ from hypothesis import strategies as st
 
 from emulator import NPU, TINY, round_bf16
 from kernels.softmax import SoftmaxPlan, choose_plan, softmax, softmax_reference
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, VMAX, arrays, chips, seeds, softmax_shapes
 
-# A small chip with four engines and eight queues, so engine groups that split a row's
-# columns (and exchange partial maxima and sums) run at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
-VMAX = TINY.vector_max_elements  # tiny's per-instruction limit: wider rows are column-chunked
+# On TINY4 engine groups that split a row's columns (and exchange partial maxima and sums) run
+# at test sizes. VMAX is TINY's per-instruction limit: wider rows are column-chunked.
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
-
-
-@st.composite
-def softmax_shapes(draw, *, max_elements: int = 24_000):
-    """(rows, cols): single rows, non-multiples of every tile, and rows wider than one vector
-    instruction; rows * cols bounded so tile mode stays quick."""
-    cols = draw(
-        st.one_of(
-            st.sampled_from([1, 2, 3, 7, 63, 65, VMAX - 1, VMAX, VMAX + 1, 2 * VMAX + 3]),
-            st.integers(1, 9000),
-        ),
-        label="cols",
-    )
-    limit = max(1, min(40, max_elements // cols))
-    rows = draw(
-        st.one_of(st.sampled_from([1, 2, 3, 7, 9, 17]).filter(lambda r: r <= limit), st.integers(1, limit))
-    )
-    return rows, cols
 
 
 def fp32_bound(x, ref):
@@ -58,7 +37,7 @@ def run_both(cfg, x, numerics, **consts):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=softmax_shapes(), seed=seeds, scale=st.sampled_from([1.0, 8.0, 60.0]), cfg=CHIPS)
+@given(shape=softmax_shapes(), seed=seeds, scale=st.sampled_from([1.0, 8.0, 60.0]), cfg=chips)
 def test_fp32_both_modes_equal_numpy_and_each_other(shape, seed, scale, cfg):
     x = arrays(shape, seed, scale)
     ref = softmax_reference(x)
@@ -76,7 +55,7 @@ def test_fp32_both_modes_equal_numpy_and_each_other(shape, seed, scale, cfg):
 
 
 @settings(max_examples=15, deadline=None)
-@given(shape=softmax_shapes(max_elements=12_000), seed=seeds, cfg=CHIPS)
+@given(shape=softmax_shapes(max_elements=12_000), seed=seeds, cfg=chips)
 def test_bf16_within_bf16_tolerance(shape, seed, cfg):
     x = arrays(shape, seed, 4.0)
     xr = round_bf16(x)  # what the device holds

@@ -18,22 +18,12 @@ from kernels.vision import (
     patch_embed,
     patch_embed_reference,
 )
-from tests.strategies import arrays, seeds
+from tests.strategies import TINY4, arrays, chips, patch_shapes, projector_shapes, seeds
 
-# A small chip with four engines and eight queues, so engine grids, shared-SRAM staging and
-# the pooling split run at test sizes.
-TINY4 = TINY.replace(name="tiny4", num_engines=4, dma_queues=8, shared_sram_bytes=1 << 20)
-CHIPS = st.sampled_from([TINY, TINY4])
+# On TINY4 engine grids, shared-SRAM staging and the pooling split run at test sizes.
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
-
-# TINY tiles: 8 x 8 MAC array, matmul operands up to 64 x 64 x 64.
-AWKWARD = st.sampled_from([1, 2, 3, 7, 8, 9, 15, 17, 31, 33, 63, 65])
-
-
-def dims(limit):
-    return st.one_of(AWKWARD.filter(lambda d: d <= limit), st.integers(1, limit))
 
 
 def roofline_moved(rep, cfg):
@@ -50,17 +40,6 @@ def run_both(kernel, cfg, numerics, *inputs, **consts):
 
 
 # ============================================================================ patch_embed
-
-
-@st.composite
-def patch_shapes(draw):
-    """(C, H, W, patch, D): grids of 1..9 patches a side (N up to 81 > the 64-row matmul
-    limit), sometimes with a remainder past the last whole patch, K = C p^2 up to 75 > 64."""
-    c = draw(st.sampled_from([1, 2, 3]), label="C")
-    p = draw(st.integers(1, 5), label="patch")
-    gh, gw = draw(st.integers(1, 9), label="gh"), draw(st.integers(1, 9), label="gw")
-    rh, rw = draw(st.integers(0, p - 1), label="rem_h"), draw(st.integers(0, p - 1), label="rem_w")
-    return c, gh * p + rh, gw * p + rw, p, draw(dims(80), label="D")
 
 
 def patch_inputs(shape, seed, bf16=False):
@@ -88,7 +67,7 @@ def test_im2col_is_the_convolution_layout():
 
 
 @settings(max_examples=80, deadline=None)
-@given(shape=patch_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=patch_shapes(), seed=seeds, cfg=chips)
 def test_patch_embed_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg):
     c, h, wd, p, d = shape
     pixels, w, b, pos = patch_inputs(shape, seed)
@@ -110,7 +89,7 @@ def test_patch_embed_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg
 
 
 @settings(max_examples=50, deadline=None)
-@given(shape=patch_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=patch_shapes(), seed=seeds, cfg=chips)
 def test_patch_embed_bf16_within_bf16_tolerance(shape, seed, cfg):
     c, h, wd, p, d = shape
     pixels, w, b, pos = patch_inputs(shape, seed, bf16=True)
@@ -160,14 +139,6 @@ def test_patch_embed_rejects_mismatched_operands():
 # =========================================================================== mm_projector
 
 
-@st.composite
-def projector_shapes(draw):
-    """(g, pool, Dv, Dt): pool 1 (up to 81 tokens, more than one matmul's 64 rows) to 4."""
-    pool = draw(st.integers(1, 4), label="pool")
-    gp = draw(st.integers(1, 9 if pool == 1 else 5), label="tokens_per_side")
-    return gp * pool, pool, draw(dims(100), label="Dv"), draw(dims(100), label="Dt")
-
-
 def projector_inputs(shape, seed, bf16=False, scale=2.0):
     g, pool, dv, dt = shape
     xs = [arrays((g * g, dv), seed, scale), arrays((dv,), seed + 1, 0.5), arrays((dv, dt), seed + 2, 0.2)]
@@ -192,7 +163,7 @@ def projector_magnitude(x, norm_w, w, pool):
 @given(
     shape=projector_shapes(),
     seed=seeds,
-    cfg=CHIPS,
+    cfg=chips,
     scale=st.sampled_from([2.0, 2e-3]),  # 2e-3: mean squares of the pooled tokens near eps
 )
 def test_mm_projector_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cfg, scale):
@@ -214,7 +185,7 @@ def test_mm_projector_fp32_both_modes_equal_numpy_and_each_other(shape, seed, cf
 
 
 @settings(max_examples=50, deadline=None)
-@given(shape=projector_shapes(), seed=seeds, cfg=CHIPS)
+@given(shape=projector_shapes(), seed=seeds, cfg=chips)
 def test_mm_projector_bf16_within_bf16_tolerance(shape, seed, cfg):
     g, pool, dv, dt = shape
     x, norm_w, w = projector_inputs(shape, seed, bf16=True)
