@@ -16,6 +16,8 @@ def test_readme_example_is_the_example_file():
 def test_readme_first_lines_give_the_two_commands():
     lines = (ROOT / "README.md").read_text().splitlines()[:10]
     assert "Run the main job:" in lines and "Run the tests:" in lines
+    main_cmd = lines[lines.index("Run the main job:") + 2].strip()
+    assert 'pip install -e ".[model]"' in main_cmd and "python -m gemma3 generate --prompt" in main_cmd
     test_cmd = lines[lines.index("Run the tests:") + 2].strip()
     assert test_cmd.endswith("python -m pytest -q") and 'pip install -e ".[test,oracle]"' in test_cmd
 
