@@ -725,7 +725,18 @@ def attention_prefill_emit(
     if v_cache.shape != k_cache.shape or v_new.shape != k_new.shape:
         raise KernelError("attention_prefill: v_new / v_cache must have the shapes of k_new / k_cache")
     plan = choose_plan(k.config, geo)
+    k.set_roofline_bytes(compulsory_bytes(geo))
     return _emit(k, q, k_new, v_new, k_cache, v_cache, geo=geo, plan=plan, scale=scale, batch=batch)
+
+
+def compulsory_bytes(geo: Geometry) -> int:
+    """DRAM bytes no schedule can avoid: q, the chunk's k and v, out, and the cache's K and V
+    at the positions some query of the chunk sees (not the whole cache)."""
+    elt = itemsize(geo.dtype)
+    lo = min(_row_interval(geo, p)[0] for p in range(geo.q_start, geo.q_end))
+    cached = max(0, geo.q_start - max(lo, geo.c_lo))
+    chunk = geo.T * (2 * geo.Hq + 2 * geo.Hkv) * geo.hd  # q, out, k_new, v_new
+    return (chunk + 2 * geo.Hkv * cached * geo.hd) * elt
 
 
 def _emit(k, q, k_new, v_new, k_cache, v_cache, *, geo: Geometry, plan: Plan, scale: float, batch: int):
