@@ -61,6 +61,7 @@ from .matmul import (
     geglu_fast,
     gelu_tanh_reference,
     interleave,
+    stage_bytes,
 )
 
 # ----------------------------------------------------------------- references and fast twins
@@ -155,9 +156,7 @@ def _plan_pass(cfg, t, rows, d, f, dtype, h_shared, ep_up) -> MLPPlan | None:
             up = choose_tiling(up_cfg, rows, d, f, dtype, dtype, 2, epilogue=ep_up, out_on_chip=h_shared)
         except KernelError:
             continue
-        staged = (rows * d * esz + al if up.stage_a else 0) + (
-            ep_up.weights * (d * f * esz + al) if up.stage_b else 0
-        )
+        staged = stage_bytes(up_cfg, rows, d, f, up, esz, ep_up.weights)
         down_shared = _align_down(shared_pass - h_bytes - staged - 2 * slack, al)
         down_local = cfg.local_sram_bytes
         if split:

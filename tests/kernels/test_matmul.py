@@ -7,12 +7,15 @@ from emulator import NPU, TINY, round_bf16
 from emulator.dma import RES_DRAM
 from kernels.matmul import (
     Epilogue,
+    Tiling,
     choose_tiling,
+    footprint,
     gelu_tanh_reference,
     linear,
     linear_reference,
     matmul,
     matmul_reference,
+    stage_bytes,
 )
 from tests.strategies import TINY4, arrays, chips, matmul_shapes, seeds
 
@@ -96,9 +99,10 @@ def test_double_buffering_beats_single_buffering(shape):
     npu = NPU(TINY)
     single = npu.plan(matmul, sig, {"depth": 1}).report
     double = npu.plan(matmul, sig, {"depth": 2}).report
-    # DMA and compute are comparable here: one b tile takes about as long to load as to use.
+    # DMA and compute are comparable here: one b tile takes about as long to load as to use
+    # (loads are dealt over the engine's queues: compare with the busiest).
     busy = double.unit_busy
-    assert 0.3 < busy["engine0.matrix"] / sum(v for u, v in busy.items() if u.startswith("dma")) < 3
+    assert 0.3 < busy["engine0.matrix"] / max(v for u, v in busy.items() if u.startswith("dma")) < 3
     assert double.cycles < 0.85 * single.cycles
 
 
@@ -188,3 +192,59 @@ def test_linear_epilogue_is_fused(cfg, activation):
     op = f"activation.{activation}" if activation else "vector.add"
     assert fused.instructions[op] == plain.instructions["vector.copy"]
     assert "vector.copy" not in fused.instructions
+
+
+# ------------------------------------------------------------------ every knob of the plan
+
+# Each knob where it matters: staging both operands with queues kept for it (the engines then
+# share the rest) and without; chunks and pieces; several panels; columns split evenly; one
+# and three buffers; several row tiles (M > matmul_max_m = 64); a not resident (little local
+# SRAM); an uneven last column block (its engine has fewer chunks than the staging unit).
+SMALL_LOCAL = TINY.replace(name="tiny-24k", local_sram_bytes=24 << 10)
+KNOBS = [
+    (TINY4, (70, 100, 90), Tiling(2, 2, 32, 24, 2, True, True, tc=8, kc=16, stage_queues=2, ahead=4)),
+    (TINY4, (70, 100, 90), Tiling(2, 2, 32, 48, 2, True, True, tc=16, even=True, ahead=1)),
+    (TINY4, (2, 79, 51), Tiling(2, 2, 8, 16, 2, True, True, tc=8, stage_queues=2, ahead=4)),
+    (TINY4, (3, 129, 65), Tiling(1, 4, 64, 16, 3, True, False, tc=8, kc=8, even=True, ahead=2)),
+    (TINY4, (17, 63, 129), Tiling(4, 1, 64, 64, 1, False, True, stage_queues=2, ahead=3)),
+    (TINY, (130, 65, 70), Tiling(1, 1, 16, 40, 2, tc=8, kc=8)),
+    (SMALL_LOCAL, (70, 129, 30), Tiling(1, 1, 16, 16, 2, tc=8, kc=8)),
+]
+A_PASSES = {SMALL_LOCAL.name: 2}  # a not resident: read once per panel (two of 16 columns)
+
+
+@pytest.mark.parametrize("cfg, shape, t", KNOBS, ids=[f"{c.name}-{s}" for c, s, _ in KNOBS])
+def test_every_tiling_knob_computes_the_product(cfg, shape, t):
+    """Explicit tilings (not only the ones the tuner picks) give the reference values in both
+    modes, and allocate exactly the SRAM the tuner budgets for them."""
+    m, k, n = shape
+    a, b, bias = arrays((m, k), 1), arrays((k, n), 2), arrays((n,), 3)
+    ref = linear_reference(a, b, bias, activation="gelu_tanh")
+    z = a.astype(np.float64) @ b + bias
+    bound = linear_bound(a, b, bias, z, "gelu_tanh", 0.0)
+    reports = []
+    for mode in ("tile", "fast"):
+        npu = NPU(cfg, mode=mode, numerics="fp32")
+        out, rep = npu.run(linear, a, b, bias, activation="gelu_tanh", tiling=t)
+        assert np.all(np.abs(out - ref) <= 2 * bound + 1e-30), mode
+        reports.append(rep)
+    assert reports[0] == reports[1]
+    rep = reports[0]
+    ep = Epilogue(bias=True, activation="gelu_tanh")
+    assert max(rep.peak_local_sram) == footprint(cfg, m, k, n, t, 2, 2, ep)
+    assert rep.peak_shared_sram == stage_bytes(cfg, m, k, n, t, 2)
+    # Staged operands leave DRAM once; the output once.
+    assert rep.bytes_by_path["local->dram"] == m * n * 2
+    from_dram = rep.bytes_by_path.get("dram->local", 0) + rep.bytes_by_path.get("dram->shared", 0)
+    a_reads = (1 if t.stage_a else t.gn) * A_PASSES.get(cfg.name, 1)
+    b_reads = 1 if t.stage_b else t.gm
+    assert from_dram == (m * k * a_reads + k * n * b_reads) * 2 + t.gm * n * 2  # + bias per row block
+
+
+# Gemma 3 270M's attention projections on atom: the rows below the goal before the tiles were
+# cut into chunks and pieces (84 %, 79 % and 83 % of roofline).
+@pytest.mark.parametrize("shape", [(256, 640, 1536), (256, 1024, 640), (1, 1024, 640)])
+def test_gemma3_270m_projections_on_atom_near_roofline(shape):
+    m, k, n = shape
+    rep = NPU("atom").plan(matmul, [((m, k), "bf16"), ((k, n), "bf16")], {}).report
+    assert rep.pct_of_roofline >= 85.0, rep
