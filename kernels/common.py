@@ -164,3 +164,19 @@ def _engine_rows(k, e, r0, rl, tr, inputs, outputs, body, scratch, depth, setup)
         for j, o in enumerate(outputs):
             k.dma(o[rows], outs[j], queue=q_out)
         yield
+
+
+def load_store_queues(cfg, engine: int) -> tuple[list[int], list[int]]:
+    """An engine's share of the DMA queues, split into the ones it loads on and the ones it
+    stores on (the same ones when it has a single queue)."""
+    lo, hi = queues(cfg, engine)
+    own = list(range(lo, hi + 1))
+    half = max(1, len(own) // 2)
+    return own[:half], (own[half:] or own)
+
+
+def index_queue(cfg, gather_qs: list[int], other_qs: list[int]) -> int:
+    """A queue to load gather indices on that is not one of the gather queues: a gather waits
+    for its indices, and a queue serves its descriptors in order."""
+    free = [q for q in other_qs if q not in gather_qs]
+    return free[0] if free else (gather_qs[-1] + 1) % cfg.dma_queues

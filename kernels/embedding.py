@@ -34,7 +34,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import queues, split
+from .common import index_queue, load_store_queues, split
 
 
 def embedding_reference(ids, table, *, scale: float = 1.0, **_) -> np.ndarray:
@@ -135,18 +135,6 @@ def _trial(cfg, tokens, width, dtype, p) -> float:
     return schedule(ctx.stream(), cfg).total
 
 
-def _engine_queues(cfg, engine):
-    lo, hi = queues(cfg, engine)
-    own = list(range(lo, hi + 1))
-    half = max(1, len(own) // 2)
-    return own[:half], (own[half:] or own)
-
-
-def _index_queue(cfg, gather_qs, other_qs) -> int:
-    free = [q for q in other_qs if q not in gather_qs]
-    return free[0] if free else (gather_qs[-1] + 1) % cfg.dma_queues
-
-
 def embedding_emit(k, ids, table, *, scale: float = 1.0, plan: EmbeddingPlan | None = None):
     _check(ids.shape, table.shape)
     if ids.dtype != "int32":
@@ -170,11 +158,11 @@ def embedding_emit(k, ids, table, *, scale: float = 1.0, plan: EmbeddingPlan | N
 def _engine_program(k, e, ids, table, out, tb, cb, scale, p: EmbeddingPlan):
     cfg = k.config
     (t0, tn), (c0, cw) = tb, cb
-    lq, sq = _engine_queues(cfg, e)
+    lq, sq = load_store_queues(cfg, e)
     idx = k.alloc((tn,), "int32", engine=e, name=f"ids_e{e}")
     # Not on a gather queue: a queue overlaps its descriptors' latencies, so a gather behind
     # the load of its indices on the same queue would not wait for them.
-    k.dma(idx, ids[t0 : t0 + tn], queue=_index_queue(cfg, lq, sq))
+    k.dma(idx, ids[t0 : t0 + tn], queue=index_queue(cfg, lq, sq))
     cols = table[:, c0 : c0 + cw]  # (V, cw): the gathers' table
     rows = [k.alloc((p.tt, cw), table.dtype, engine=e, name=f"rows{s}_e{e}") for s in range(p.depth)]
     outs = [k.alloc((p.tt, cw), out.dtype, engine=e, name=f"o{s}_e{e}") for s in range(p.depth)]

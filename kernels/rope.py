@@ -39,7 +39,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import queues, split
+from .common import index_queue, load_store_queues, split
 
 
 def rope_tables(
@@ -190,19 +190,6 @@ def _trial(cfg, tokens, heads, hd, dtype, table_dtype, p) -> float:
     return schedule(ctx.stream(), cfg).total
 
 
-def _engine_queues(cfg, engine):
-    lo, hi = queues(cfg, engine)
-    own = list(range(lo, hi + 1))
-    half = max(1, len(own) // 2)
-    return own[:half], (own[half:] or own)
-
-
-def _index_queue(cfg, gather_qs, other_qs) -> int:
-    """A queue to load gather indices on that is not one of the gather queues."""
-    free = [q for q in other_qs if q not in gather_qs]
-    return free[0] if free else (gather_qs[-1] + 1) % cfg.dma_queues
-
-
 def rope_emit(k, x, cos_table, sin_table, positions, *, plan: RopePlan | None = None):
     _check("rope", x.shape, cos_table.shape, sin_table.shape, positions.shape)
     if positions.dtype != "int32":
@@ -240,11 +227,11 @@ def _engine_program(k, e, x, cos_t, sin_t, positions, out, tb, hb, p: RopePlan):
     h2 = hd // 2
     tt = p.tt
     hc = max(1, min(hn, cfg.vector_max_elements // (tt * hd)))  # heads per instruction
-    lq, sq = _engine_queues(cfg, e)
+    lq, sq = load_store_queues(cfg, e)
     pos = k.alloc((tn,), "int32", engine=e, name=f"pos_e{e}")
     # Not on a gather queue: a queue overlaps its descriptors' latencies, so a gather behind
     # the load of its indices on the same queue would not wait for them.
-    k.dma(pos, positions[t0 : t0 + tn], queue=_index_queue(cfg, lq, sq))
+    k.dma(pos, positions[t0 : t0 + tn], queue=index_queue(cfg, lq, sq))
     xs = [k.alloc((tt, hn, hd), x.dtype, engine=e, name=f"x{s}_e{e}") for s in range(p.depth)]
     os_ = [k.alloc((tt, hn, hd), out.dtype, engine=e, name=f"o{s}_e{e}") for s in range(p.depth)]
     cs = [k.alloc((tt, hd), cos_t.dtype, engine=e, name=f"cos{s}_e{e}") for s in range(p.depth)]

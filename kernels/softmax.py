@@ -41,7 +41,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import queues, rows_view, split
+from .common import load_store_queues, rows_view, split
 
 
 def softmax_reference(x: np.ndarray, **_) -> np.ndarray:
@@ -175,14 +175,6 @@ def _trial(cfg, rows, cols, dtype, p: SoftmaxPlan) -> float:
     return schedule(ctx.stream(), cfg).total
 
 
-def _engine_queues(cfg, engine: int) -> tuple[list[int], list[int]]:
-    """The DMA queues an engine loads on and stores on, all of its share of the queues."""
-    lo, hi = queues(cfg, engine)
-    own = list(range(lo, hi + 1))
-    half = max(1, len(own) // 2)
-    return own[:half], (own[half:] or own)
-
-
 def _dma_split(k, dst, src, qs: list[int]) -> None:
     """One region copied as near-equal pieces on several queues (first axis, else the last)."""
     axis = 0 if dst.shape[0] >= len(qs) or len(dst.shape) == 1 else len(dst.shape) - 1
@@ -260,7 +252,7 @@ def _alloc_engine(k, e, dtype, rr, cc, gj, g, p: SoftmaxPlan):
         st["npe"] = fp((tr, 1), "npe")
         st["part"] = fp((tr, g, 2), "part")  # every group member's (max, sum)
         st["wg"] = fp((tr, g), "wg")
-    st["lq"], st["sq"] = _engine_queues(k.config, e)
+    st["lq"], st["sq"] = load_store_queues(k.config, e)
     return st
 
 
