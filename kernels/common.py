@@ -180,3 +180,27 @@ def index_queue(cfg, gather_qs: list[int], other_qs: list[int]) -> int:
     for its indices, and a queue serves its descriptors in order."""
     free = [q for q in other_qs if q not in gather_qs]
     return free[0] if free else (gather_qs[-1] + 1) % cfg.dma_queues
+
+
+def trace_cycles(cfg, name: str, emit, inputs, *args, dtype: str = "bf16", **consts) -> float:
+    """Cycles of ``emit(ctx, *shells, *args, **consts)`` traced without values and scheduled:
+    what an autotuner compares candidates by. ``inputs`` lists (name, shape, dtype) of the DRAM
+    inputs."""
+    from emulator.memory import DRAM, Buffer
+    from emulator.program import KernelContext
+    from emulator.timing import schedule
+
+    ctx = KernelContext(f"{name}-trial", cfg, execute=False, dtype=dtype)
+    shells = [Buffer(n, DRAM, shape, dt, 0, 0) for n, shape, dt in inputs]
+    emit(ctx, *shells, *args, **consts)
+    return schedule(ctx.stream(), cfg).total
+
+
+def fastest(candidates, cycles_of):
+    """The candidate with the fewest cycles (the first on ties)."""
+    best = None
+    for c in candidates:
+        cycles = cycles_of(c)
+        if best is None or cycles < best[0]:
+            best = (cycles, c)
+    return best[1]

@@ -34,7 +34,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import index_queue, load_store_queues, split
+from .common import fastest, index_queue, load_store_queues, split
 
 
 def embedding_reference(ids, table, *, scale: float = 1.0, **_) -> np.ndarray:
@@ -116,12 +116,7 @@ def choose_plan(cfg, tokens: int, width: int, dtype: str = "bf16") -> EmbeddingP
     if not cands:
         raise KernelError(f"embedding: no tile of width {width} fits {cfg.local_sram_bytes} B of local SRAM")
     cands.sort(key=lambda p: _estimate(cfg, tokens, width, esz, p))
-    best = None
-    for p in cands[:TRIALS]:
-        cycles = _trial(cfg, tokens, width, dtype, p)
-        if best is None or cycles < best[0]:
-            best = (cycles, p)
-    return best[1]
+    return fastest(cands[:TRIALS], lambda p: _trial(cfg, tokens, width, dtype, p))
 
 
 def _trial(cfg, tokens, width, dtype, p) -> float:

@@ -39,7 +39,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import index_queue, load_store_queues, split
+from .common import fastest, index_queue, load_store_queues, split
 
 
 def rope_tables(
@@ -169,12 +169,7 @@ def choose_plan(
             f"rope: no tile of (H, hd) = ({heads}, {hd}) fits {cfg.local_sram_bytes} B of local SRAM"
         )
     cands.sort(key=lambda p: _estimate(cfg, tokens, heads, hd, esz, tsz, p))
-    best = None
-    for p in cands[:TRIALS]:
-        cycles = _trial(cfg, tokens, heads, hd, dtype, table_dtype, p)
-        if best is None or cycles < best[0]:
-            best = (cycles, p)
-    return best[1]
+    return fastest(cands[:TRIALS], lambda p: _trial(cfg, tokens, heads, hd, dtype, table_dtype, p))
 
 
 def _trial(cfg, tokens, heads, hd, dtype, table_dtype, p) -> float:

@@ -41,7 +41,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import load_store_queues, rows_view, split
+from .common import fastest, load_store_queues, rows_view, split
 
 
 def softmax_reference(x: np.ndarray, **_) -> np.ndarray:
@@ -157,12 +157,7 @@ def choose_plan(cfg, rows: int, cols: int, dtype: str = "bf16") -> SoftmaxPlan:
             f"softmax: no plan for ({rows}, {cols}) {dtype} fits {cfg.local_sram_bytes} B of local SRAM"
         )
     cands.sort(key=lambda p: _estimate(cfg, rows, cols, esz, p))
-    best = None
-    for p in cands[:TRIALS]:
-        cycles = _trial(cfg, rows, cols, dtype, p)
-        if best is None or cycles < best[0]:
-            best = (cycles, p)
-    return best[1]
+    return fastest(cands[:TRIALS], lambda p: _trial(cfg, rows, cols, dtype, p))
 
 
 def _trial(cfg, rows, cols, dtype, p: SoftmaxPlan) -> float:

@@ -81,9 +81,9 @@ import numpy as np
 
 from emulator import Kernel, KernelError
 from emulator.memory import itemsize
-from emulator.program import KernelContext, ceil_div, tiles
+from emulator.program import ceil_div, tiles
 
-from .common import split
+from .common import fastest, split, trace_cycles
 from .norms import rmsnorm_fast
 
 
@@ -208,21 +208,15 @@ def choose_patch_tiling(cfg, c: int, h: int, wd: int, patch: int, d: int, dtype:
         )
     if len(cands) == 1:
         return cands[0]
-    from emulator.memory import DRAM, Buffer
-    from emulator.timing import schedule
-
-    best = None
-    for t in cands:
-        ctx = KernelContext("patch_embed-trial", cfg, execute=False, dtype=dtype)
-        shells = [
-            Buffer(name, DRAM, shape, dtype, 0, 0)
-            for name, shape in (("pixels", (c, h, wd)), ("w", (kk, d)), ("b", (d,)), ("pos", (n, d)))
-        ]
-        _emit_patch_embed(ctx, *shells, patch, t)
-        cycles = schedule(ctx.stream(), cfg).total
-        if best is None or cycles < best[0]:
-            best = (cycles, t)
-    return best[1]
+    inputs = [
+        ("pixels", (c, h, wd), dtype),
+        ("w", (kk, d), dtype),
+        ("b", (d,), dtype),
+        ("pos", (n, d), dtype),
+    ]
+    return fastest(
+        cands, lambda t: trace_cycles(cfg, "patch_embed", _emit_patch_embed, inputs, patch, t, dtype=dtype)
+    )
 
 
 def patch_embed_emit(k, pixels, w, b, pos, *, patch: int, tiling: PatchTiling | None = None):
@@ -508,21 +502,11 @@ def choose_projector_tiling(cfg, g: int, pool: int, dv: int, dt: int, dtype: str
         )
     if len(cands) == 1:
         return cands[0]
-    from emulator.memory import DRAM, Buffer
-    from emulator.timing import schedule
-
-    best = None
-    for t in cands:
-        ctx = KernelContext("mm_projector-trial", cfg, execute=False, dtype=dtype)
-        shells = [
-            Buffer(name, DRAM, shape, dtype, 0, 0)
-            for name, shape in (("x", (g * g, dv)), ("norm_w", (dv,)), ("w", (dv, dt)))
-        ]
-        _emit_projector(ctx, *shells, g, pool, 1e-6, t)
-        cycles = schedule(ctx.stream(), cfg).total
-        if best is None or cycles < best[0]:
-            best = (cycles, t)
-    return best[1]
+    inputs = [("x", (g * g, dv), dtype), ("norm_w", (dv,), dtype), ("w", (dv, dt), dtype)]
+    return fastest(
+        cands,
+        lambda t: trace_cycles(cfg, "mm_projector", _emit_projector, inputs, g, pool, 1e-6, t, dtype=dtype),
+    )
 
 
 def mm_projector_emit(
