@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import NPUConfig, get_preset
 from .errors import KernelError
-from .memory import DRAM, DTYPES, Allocator, Buffer, check_dtype, itemsize, store_value
+from .memory import BF16, DRAM, DTYPES, Allocator, Buffer, check_dtype, itemsize, store_value
 from .program import KernelContext
 from .report import CycleReport
 from .timing import schedule
@@ -100,18 +100,58 @@ class NPU:
 
     # ------------------------------------------------------------------ DRAM
 
-    def to_device(self, array, dtype: str | None = None, *, name: str = "tensor") -> DeviceTensor:
+    def to_device(
+        self,
+        array,
+        dtype: str | None = None,
+        *,
+        name: str = "tensor",
+        compact: bool = False,
+        column_major: bool = False,
+        copy: bool = True,
+    ) -> DeviceTensor:
         """Copy a host array into DRAM as ``dtype`` (default: int32 for integers, else the
-        device dtype); bf16 numerics round the values on the way in."""
+        device dtype); bf16 numerics round the values on the way in.
+
+        How the host holds the values (never what the chip costs): ``compact`` keeps a bf16
+        tensor's values in 2 bytes each (``ml_dtypes.bfloat16``) where that is exact (fast
+        mode under bf16 numerics; else fp32 as usual); ``column_major`` keeps a 2-D tensor
+        as the transposed view of a C-ordered array (products with few rows then read each
+        output's column contiguously, see kernels/hostmath.py). ``copy=False`` takes
+        ``array`` as the data when it already is what would be stored (e.g. a view of
+        another weight: the tied embedding read as the LM head)."""
         array = np.asarray(array)
         if dtype is None:
             dtype = "int32" if np.issubdtype(array.dtype, np.integer) else self.dtype
         check_dtype(dtype)
         address, size = self.dram.allocate(name, array.shape, dtype)
-        # Always a copy: the device owns its DRAM (the host array may change or be reused).
-        data = np.array(store_value(array, dtype, self.numerics), order="C", copy=True)
+        try:
+            data = self._host_copy(array, dtype, compact, column_major, copy)
+        except BaseException:
+            self.dram.release(address, size)
+            raise
         buf = Buffer(name, DRAM, array.shape, dtype, address, size, data=data)
         return DeviceTensor(self, buf)
+
+    def _host_copy(self, array, dtype, compact, column_major, copy):
+        if compact and self.mode == "fast" and dtype == "bf16" and self.numerics == "bf16":
+            host_dtype = BF16  # bf16 numerics: the values are bf16 anyway, exactly
+            values = array
+        else:
+            host_dtype = np.dtype(DTYPES[dtype][1])
+            values = (
+                array if array.dtype == host_dtype and not copy else store_value(array, dtype, self.numerics)
+            )
+        column_major = column_major and array.ndim == 2
+        stored = values.dtype == host_dtype and (
+            values.T.flags.c_contiguous if column_major else values.flags.c_contiguous
+        )
+        if not copy and stored:
+            return values
+        # A copy: the device owns its DRAM (the host array may change or be reused).
+        if column_major:
+            return np.array(values.T, dtype=host_dtype, order="C", copy=True).T
+        return np.array(values, dtype=host_dtype, order="C", copy=True)
 
     def free(self, tensor: DeviceTensor) -> None:
         buf = tensor.buffer

@@ -21,6 +21,9 @@ DTYPES: dict[str, tuple[int, type]] = {
     "int32": (4, np.int32),
 }
 
+# What a compact host copy of a bf16 tensor holds (NPU.to_device(..., compact=True)).
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
 # Memory levels, in the order reports list them.
 DRAM, SHARED, LOCAL, HOST = "dram", "shared", "local", "host"
 

@@ -36,6 +36,11 @@ from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
 
 
+def is_matrix(name: str) -> bool:
+    """Device weights read by products (matmul, MLP, LM head): held column-major on the host."""
+    return name == "lm_head" or name.rsplit(".", 1)[-1] in ("qkv", "o", "gate", "up", "down")
+
+
 class PhaseCost:
     """Collects the reports of the kernels one phase (prefill or decode) ran."""
 
@@ -59,10 +64,18 @@ class Gemma3OnNPU:
         self.rbln = rbln
         self.max_seq_len = rbln.max_seq_len or config.max_position_embeddings
         self.npu = NPU(rbln.npu_config, mode=rbln.mode, numerics=rbln.numerics)
+        # Host copies: matrices column-major and, under bf16 numerics, in bf16 (exact there):
+        # decode streams each once per token (see kernels/hostmath.py). Cycles do not change.
+        self.aliases = {"lm_head"} if config.tie_word_embeddings else set()
+        weights = {n: a for n, a in weights.items() if n not in self.aliases}
         self.weights = {
-            name: self.npu.to_device(a, name=name)
+            name: self.npu.to_device(a, name=name, compact=a.ndim == 2, column_major=is_matrix(name))
             for name, a in progress(weights.items(), "weights to DRAM", total=len(weights))
         }
+        if self.aliases:  # the tied LM head reads the embedding's host copy, transposed
+            self.weights["lm_head"] = self.npu.to_device(
+                self.weights["embed"].numpy().T, name="lm_head", compact=True, column_major=True, copy=False
+            )
         self.window = config.sliding_window
         self.kv_tile = decode_kv_tile(self.npu.config)
         if self.window < self.max_seq_len and self.window % self.kv_tile:
@@ -92,11 +105,14 @@ class Gemma3OnNPU:
 
     @staticmethod
     def device_weights(c: Gemma3TextConfig, get) -> dict[str, np.ndarray]:
-        """Checkpoint tensors (names as weights.expected_shapes) -> device layout, fp32."""
+        """Checkpoint tensors (names as weights.expected_shapes) -> device layout, fp32.
+
+        Projections are (in, out): the transposed views of the checkpoint's (out, in)
+        tensors (no copy here; the upload keeps them column-major). A tied LM head is not
+        listed: it is the embedding, transposed."""
         w = {"embed": get("embed_tokens.weight"), "norm": get("norm.weight")}
-        w["lm_head"] = np.ascontiguousarray(
-            (get("lm_head.weight") if not c.tie_word_embeddings else w["embed"]).T
-        )
+        if not c.tie_word_embeddings:
+            w["lm_head"] = get("lm_head.weight").T
         w["vocab_ids"] = np.arange(c.vocab_size, dtype=np.int32)  # ids the on-device argmax looks up
         for layer_type, rope in c.rope.items():
             cos, sin = rope_tables(c.max_position_embeddings, c.head_dim, rope.theta, rope.factor)
@@ -104,11 +120,11 @@ class Gemma3OnNPU:
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}."
             qkv = [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-            w[f"{i}.qkv"] = np.ascontiguousarray(np.concatenate(qkv, axis=0).T)  # (hidden, (Hq + 2 Hkv) * hd)
-            w[f"{i}.o"] = np.ascontiguousarray(get(p + "self_attn.o_proj.weight").T)
-            w[f"{i}.gate"] = np.ascontiguousarray(get(p + "mlp.gate_proj.weight").T)
-            w[f"{i}.up"] = np.ascontiguousarray(get(p + "mlp.up_proj.weight").T)
-            w[f"{i}.down"] = np.ascontiguousarray(get(p + "mlp.down_proj.weight").T)
+            w[f"{i}.qkv"] = np.concatenate(qkv, axis=0).T  # (hidden, (Hq + 2 Hkv) * hd)
+            w[f"{i}.o"] = get(p + "self_attn.o_proj.weight").T
+            w[f"{i}.gate"] = get(p + "mlp.gate_proj.weight").T
+            w[f"{i}.up"] = get(p + "mlp.up_proj.weight").T
+            w[f"{i}.down"] = get(p + "mlp.down_proj.weight").T
             for n in (
                 "input_layernorm",
                 "post_attention_layernorm",

@@ -132,7 +132,9 @@ class NPUGemma3ForCausalLM:
             )
         f = SafetensorsFile(os.path.join(directory, COMPILED, WEIGHTS))
         weights = {
-            name: f.raw(name) if f.tensors[name][0].startswith("I") else f.float32(name) for name in f.tensors
+            name: f.raw(name) if f.tensors[name][0] in ("BF16", "I32", "I64") else f.float32(name)
+            for name in f.tensors
+            if not (name == "lm_head" and config.tie_word_embeddings)  # older saves wrote it
         }
         model = cls(directory, config, rbln, weights, gen)
         load_plans(model.runtime.npu, os.path.join(directory, COMPILED))
@@ -188,8 +190,12 @@ class NPUGemma3ForCausalLM:
             os.makedirs(os.path.join(tmp, COMPILED))
             tensors = {}
             for name, t in self.runtime.weights.items():
+                if name in self.runtime.aliases:  # the tied LM head: rebuilt from the embedding
+                    continue
                 data = t.numpy()
-                tensors[name] = data.astype(ml_dtypes.bfloat16) if t.dtype == "bf16" else data
+                # bf16 numerics hold bf16 values: store 2 bytes each, exactly; fp32 keeps fp32.
+                exact = t.dtype == "bf16" and self.rbln_config.numerics == "bf16"
+                tensors[name] = data.astype(ml_dtypes.bfloat16) if exact else data
             write_safetensors(
                 os.path.join(tmp, COMPILED, WEIGHTS), tensors, {"format": "npu-gemma3 device layout"}
             )

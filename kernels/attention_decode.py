@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from emulator import Kernel, KernelError
@@ -98,21 +99,48 @@ def attention_decode_reference(q, k_cache, v_cache, mask, *, scale):
     return (p @ vals).reshape(b, hq, hd)
 
 
-def attention_decode_fast(q, k_cache, v_cache, mask, *, scale):
-    """The whole op in float32 with batched BLAS matmuls (one per (b, kv head))."""
-    b, hq, hd = q.shape
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _decode_heads(q, k_cache, v_cache, mask, scale, out):
+    """Each (b, query head) in parallel: scores over the L slots, softmax, weighted values (fp32)."""
+    b_n, hq, hd = q.shape
     hkv, big_l = k_cache.shape[1], mask.shape[1]
-    qg = np.ascontiguousarray(q, dtype=np.float32).reshape(b, hkv, hq // hkv, hd)
-    keys = k_cache[:, :, :big_l].astype(np.float32, copy=False)
-    vals = v_cache[:, :, :big_l].astype(np.float32, copy=False)
-    s = np.matmul(qg, keys.swapaxes(-1, -2))
-    s *= np.float32(scale)
-    s += mask.astype(np.float32, copy=False)[:, None, None, :]
-    p = np.exp(s - np.maximum(s.max(axis=-1, keepdims=True), np.float32(NEG)))
-    o = np.matmul(p, vals)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a row with no visible slot: NaN
-        o /= p.sum(axis=-1, keepdims=True)
-    return o.reshape(b, hq, hd)
+    g_n = hq // hkv
+    for bh in numba.prange(b_n * hq):
+        b, h = bh // hq, bh % hq
+        g = h // g_n
+        s = np.empty(big_l, np.float32)
+        m = np.float32(NEG)  # a finite start: a row with no visible slot gives 0 / 0 = NaN
+        for j in range(big_l):
+            dot = np.float32(0.0)
+            for d in range(hd):
+                dot += q[b, h, d] * k_cache[b, g, j, d]
+            s[j] = dot * scale + mask[b, j]
+            m = max(m, s[j])
+        total = np.float32(0.0)
+        acc = np.zeros(hd, np.float32)
+        for j in range(big_l):
+            p = np.exp(s[j] - m)
+            total += p
+            if p != 0.0:
+                for d in range(hd):
+                    acc[d] += p * v_cache[b, g, j, d]
+        for d in range(hd):
+            out[b, h, d] = acc[d] / total
+
+
+def attention_decode_fast(q, k_cache, v_cache, mask, *, scale):
+    """The whole op in float32, one Numba thread per (sequence, query head): decode steps
+    stay in one thread pool with the weight streaming (see kernels/hostmath.py)."""
+    out = np.empty(q.shape, np.float32)
+    _decode_heads(
+        np.ascontiguousarray(q, dtype=np.float32),
+        np.asarray(k_cache, dtype=np.float32),
+        np.asarray(v_cache, dtype=np.float32),
+        np.ascontiguousarray(mask, dtype=np.float32),
+        np.float32(scale),
+        out,
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -326,11 +326,11 @@ def needed_dram_bytes(geo: Geometry) -> int:
 # --------------------------------------------------------------------------- fast
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # one thread: see kernels/hostmath.py
 def _masked_softmax(s, G, q_start, key_pos, key_blk, q_blk, window, scale):
     """In place: s (T * G, n) raw scores, row t * G + g -> softmax over the visible keys."""
     rows, n = s.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         t = r // G
         qp = q_start + t
         m = -np.inf

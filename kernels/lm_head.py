@@ -47,6 +47,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import ceil_div, tiles
 
+from . import hostmath
 from .common import queues, split
 
 
@@ -65,8 +66,7 @@ def lm_head_reference(x, w, vocab_ids=None, *, softcap: float | None = None, **_
 
 def lm_head_fast(x, w, vocab_ids=None, *, softcap: float | None = None, **_):
     _check(x.shape, w.shape, None if vocab_ids is None else vocab_ids.shape)
-    xf, wf = np.asarray(x, dtype=np.float32), np.asarray(w, dtype=np.float32)  # no copy of w
-    logits = np.matmul(xf, wf, dtype=np.float32)
+    logits = hostmath.matmul(x, w)  # w as held: fp32 or bf16, C-ordered or column-major
     if softcap is not None:  # as the SFU does it: tanh(l * (1 / softcap)), then * softcap
         logits = np.tanh(logits * np.float32(1.0 / softcap)) * np.float32(softcap)
     idx = np.argmax(logits, axis=-1)

@@ -71,6 +71,8 @@ from emulator.memory import DRAM, SHARED, Buffer
 from emulator.program import KernelContext, ceil_div, tiles
 from emulator.units import SFU
 
+from . import hostmath
+
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -109,21 +111,21 @@ def _gelu32(v):
     return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(inner))
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # one thread: see kernels/hostmath.py
 def _bias_gelu_rows(y, bias, gelu):
     """In place: ``y[r, c] = gelu?(y[r, c] + bias[c])``, fp32, rows in parallel."""
     rows, cols = y.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         for c in range(cols):
             v = y[r, c] + bias[c]
             y[r, c] = _gelu32(v) if gelu else v
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # one thread: see kernels/hostmath.py
 def _geglu_rows(g, u, out):
     """``out = gelu_tanh(g) * u``, fp32, rows in parallel."""
     rows, cols = g.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         for c in range(cols):
             out[r, c] = _gelu32(g[r, c]) * u[r, c]
 
@@ -152,13 +154,13 @@ def geglu_fast(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def matmul_fast(a: np.ndarray, b: np.ndarray, *, activation: str | None = None, **_) -> np.ndarray:
-    return bias_activation_fast(np.matmul(a, b, dtype=np.float32), None, activation)
+    return bias_activation_fast(hostmath.matmul(a, b), None, activation)
 
 
 def linear_fast(
     a: np.ndarray, b: np.ndarray, bias: np.ndarray, *, activation: str | None = None, **_
 ) -> np.ndarray:
-    return bias_activation_fast(np.matmul(a, b, dtype=np.float32), bias, activation)
+    return bias_activation_fast(hostmath.matmul(a, b), bias, activation)
 
 
 def flops(m: int, k: int, n: int) -> int:

@@ -49,6 +49,7 @@ import numpy as np
 from emulator import Kernel, KernelError, NPUConfig
 from emulator.program import ceil_div, tiles
 
+from . import hostmath
 from .matmul import (
     DTYPE_BYTES,
     Epilogue,
@@ -79,14 +80,14 @@ def siglip_mlp_reference(x, w1, b1, w2, b2, **_) -> np.ndarray:
 
 
 def geglu_mlp_fast(x, w_gate, w_up, w_down, **_) -> np.ndarray:
-    g = np.matmul(x, w_gate, dtype=np.float32)
-    u = np.matmul(x, w_up, dtype=np.float32)
-    return np.matmul(geglu_fast(g, u), w_down, dtype=np.float32)
+    g = hostmath.matmul(x, w_gate)
+    u = hostmath.matmul(x, w_up)
+    return hostmath.matmul(geglu_fast(g, u), w_down)
 
 
 def siglip_mlp_fast(x, w1, b1, w2, b2, **_) -> np.ndarray:
-    h = bias_activation_fast(np.matmul(x, w1, dtype=np.float32), b1, "gelu_tanh")
-    return bias_activation_fast(np.matmul(h, w2, dtype=np.float32), b2, None)
+    h = bias_activation_fast(hostmath.matmul(x, w1), b1, "gelu_tanh")
+    return bias_activation_fast(hostmath.matmul(h, w2), b2, None)
 
 
 def mlp_flops(t: int, d: int, f: int, gated: bool) -> int:

@@ -44,10 +44,10 @@ def rmsnorm_reference(x: np.ndarray, w: np.ndarray, *, eps: float = 1e-6) -> np.
     return y.reshape(x.shape)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(cache=True)  # one thread: see kernels/hostmath.py
 def _rmsnorm_rows(x, w1, eps, out):
     rows, width = x.shape
-    for r in numba.prange(rows):
+    for r in range(rows):
         acc = np.float32(0.0)
         for c in range(width):
             acc += x[r, c] * x[r, c]
@@ -113,11 +113,11 @@ def layernorm_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray, *, eps: flo
     return (g - mean) / np.sqrt(var + eps) * w.astype(np.float64) + b.astype(np.float64)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(cache=True)  # one thread: see kernels/hostmath.py
 def _layernorm_rows(x, w, b, eps, out):
     rows, width = x.shape
     n = np.float32(width)
-    for r in numba.prange(rows):
+    for r in range(rows):
         acc = np.float32(0.0)
         for c in range(width):
             acc += x[r, c]

@@ -72,11 +72,11 @@ def rope_reference(x, cos_table, sin_table, positions, **_) -> np.ndarray:
     return g * c + rotate_half(g) * s
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # one thread: see kernels/hostmath.py
 def _rope_rows(x, cos, sin, pos, out):
     tokens, heads, hd = x.shape
     h2 = hd // 2
-    for t in numba.prange(tokens):
+    for t in range(tokens):
         p = pos[t]
         for h in range(heads):
             for i in range(h2):
@@ -105,9 +105,10 @@ def rope_fast(x, cos_table, sin_table, positions, **_) -> np.ndarray:
         )
     xf = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(xf)
-    c = np.ascontiguousarray(cos_table, dtype=np.float32)
-    s = np.ascontiguousarray(sin_table, dtype=np.float32)
-    _rope_rows(xf, c, s, pos, out)
+    # Only the rows read, widened (the tables may be held in bf16): row t is position pos[t].
+    c = np.ascontiguousarray(cos_table[pos], dtype=np.float32)
+    s = np.ascontiguousarray(sin_table[pos], dtype=np.float32)
+    _rope_rows(xf, c, s, np.arange(pos.size), out)
     return out
 
 
