@@ -78,3 +78,32 @@ def default_model_dir(cache: str | None = None, log=None) -> str:
         if not is_converted(target):  # not just another process having finished first
             raise
     return target
+
+
+DEFAULT_MAX_SEQ_LEN = 2048  # positions the cached compile serves (prompt + new tokens)
+
+
+def compiled_default_dir(
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN, npu: str = "atom", cache: str | None = None, log=None
+) -> str:
+    """The default model compiled for ``npu`` and at least ``max_seq_len`` positions, from the
+    cache; compiled (every kernel planned, ~20 s) and saved there on first use.
+
+    Sizes are rounded up to a power of two from ``DEFAULT_MAX_SEQ_LEN``, so a few compiles
+    serve every prompt length. The directory holds the device weights as the chip stores them
+    (bf16) and the plans: loading it traces nothing."""
+    from .modeling import NPUGemma3ForCausalLM, is_compiled
+
+    cache = cache or cache_dir()
+    size = DEFAULT_MAX_SEQ_LEN
+    while size < max_seq_len:
+        size *= 2
+    target = os.path.join(cache, f"{MODEL_DIR_NAME}.compiled.{npu}.{size}")
+    if is_compiled(target):
+        return target
+    source = default_model_dir(cache, log)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"compiling the default model for {npu!r}, {size} positions, into {target} (once) ...")
+    model = NPUGemma3ForCausalLM.from_pretrained(source, rbln_npu=npu, rbln_max_seq_len=size)
+    model.save_pretrained(target)  # atomic: a complete directory or none
+    return target

@@ -11,11 +11,24 @@ LM head), RoPE tables per layer type, and the KV caches:
 Prefill runs one sequence at a time, in chunks of ``prefill_chunk_size`` tokens (the last one
 padded to the full chunk: shapes are static as on the real NPU), and computes logits for the
 last valid token only. Decode runs the whole batch one token per step.
+
+Images (the image+text model, ``gemma3/multimodal.py``): ``prefill(b, ids, images=[(start,
+features), ...])`` takes, for each image, where its run of soft tokens starts in ``ids`` and its
+projected features (T, hidden), T = ``image_prefill_chunk_size`` (= mm_tokens_per_image). The
+prompt is cut into text chunks of ``prefill_chunk_size`` and, for each image, one chunk of T
+rows exactly covering its soft tokens: those rows are the features themselves (no embedding
+lookup), and the attention kernel gets the image as an ``image_blocks`` range, so its tokens see
+each other both ways (and the text before them causally) on every layer. On sliding layers
+transformers also keeps the window there (``AND(window, OR(causal, block))``); the kernel's
+``OR`` agrees with it while T <= sliding_window (true of every released Gemma3: 256 tokens, a
+window of 512 or more), and a model where it does not is refused. Chunks holding an image cost
+under the phase "image prefill", text chunks under "prefill".
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -35,6 +48,8 @@ from .config import FULL, SLIDING, Gemma3TextConfig
 from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
 
+IMAGE_PREFILL = "image prefill"  # the cost phase of prefill chunks holding an image's tokens
+
 
 def is_matrix(name: str) -> bool:
     """Device weights read by products (matmul, MLP, LM head): held column-major on the host."""
@@ -46,6 +61,7 @@ class PhaseCost:
 
     def __init__(self):
         self.reports: list[CycleReport] = []
+        self.seconds = 0.0  # host time spent in the phase, where the runner measures it
 
     def add(self, report: CycleReport):
         self.reports.append(report)
@@ -94,7 +110,7 @@ class Gemma3OnNPU:
                 (self.npu.to_device(zeros, name=f"k_cache{i}"), self.npu.to_device(zeros, name=f"v_cache{i}"))
             )
         self.positions = np.zeros(rbln.batch_size, np.int64)  # next position of each sequence
-        self.cost = {"prefill": PhaseCost(), "decode": PhaseCost()}
+        self.cost = {"prefill": PhaseCost(), IMAGE_PREFILL: PhaseCost(), "decode": PhaseCost()}
 
     def ring(self, layer: int) -> bool:
         """Whether a layer's cache is a ring buffer of ``sliding_window`` slots (a sliding layer
@@ -202,47 +218,118 @@ class Gemma3OnNPU:
         self.positions[:] = 0
         for cost in self.cost.values():
             cost.reports.clear()
+            cost.seconds = 0.0
 
-    def prefill(self, b: int, ids: np.ndarray) -> np.ndarray:
-        """Prefill sequence ``b`` with ``ids`` (its real tokens); return last-token logits (V,)."""
+    def prefill(self, b: int, ids: np.ndarray, images=()) -> np.ndarray:
+        """Prefill sequence ``b`` with ``ids`` (its real tokens); return last-token logits (V,).
+
+        ``images``: (start, features) per image, in order: the image's soft tokens are
+        ``ids[start : start + T]`` and their rows are ``features`` (T, hidden) instead of
+        embeddings (module docstring). Without images this is the text model's prefill."""
         c = self.c
         n = len(ids)
         if n > self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
-        chunk = self.rbln.prefill_chunk_size
+        images = self._check_images(n, images)
         logits = None
-        for start in range(0, n, chunk):
-            valid = min(chunk, n - start)
-            chunk_ids = np.zeros(chunk, np.int64)
-            chunk_ids[:valid] = ids[start : start + valid]
-            positions = start + np.arange(chunk)
-            x = self._embed("prefill", chunk_ids)
+        for start, valid, size, features in self._chunks(n, images):
+            phase = "prefill" if features is None else IMAGE_PREFILL
+            t0 = time.perf_counter()
+            positions = start + np.arange(size)
+            # padding rows: any position the RoPE tables hold (their results are never used)
+            positions[valid:] = np.minimum(positions[valid:], c.max_position_embeddings - 1)
+            if features is None:
+                chunk_ids = np.zeros(size, np.int64)
+                chunk_ids[:valid] = ids[start : start + valid]
+                x = self._embed(phase, chunk_ids)
+                blocks = ()
+            else:  # the image's features replace the embeddings of its soft tokens
+                x = features
+                blocks = ((start, start + size),)
 
-            def attend(i, q, k, v, start=start, valid=valid, positions=positions):
-                k_cache, v_cache = self.caches[i]
-                out = self._run(
-                    "prefill",
-                    attention_prefill,
-                    q,
-                    k,
-                    v,
-                    k_cache,
-                    v_cache,
-                    q_start=start,
-                    scale=c.attention_scale,
-                    window=self.window if c.is_sliding(i) else None,
-                    ring=self.ring(i),
-                    batch=b,
-                )
-                self._write_cache("prefill", i, b, k[None, :valid], v[None, :valid], positions[None, :valid])
-                return out.reshape(chunk, -1)
-
+            attend = self._chunk_attention(phase, b, start, valid, positions, blocks)
             for i in range(c.num_hidden_layers):
-                x = self._layer("prefill", i, x, positions, attend)
+                x = self._layer(phase, i, x, positions, attend)
             if start + valid == n:
-                logits = self._logits("prefill", x[valid - 1 : valid])[0]
+                logits = self._logits(phase, x[valid - 1 : valid])[0]
+            self.cost[phase].seconds += time.perf_counter() - t0
         self.positions[b] = n
         return logits
+
+    def _chunk_attention(self, phase, b, start, valid, positions, blocks):
+        """The ``attend(i, q, k, v)`` of one prefill chunk of sequence ``b``: the attention kernel
+        over the chunk and the cache, then the chunk's valid keys and values into the cache."""
+        c = self.c
+
+        def attend(i, q, k, v):
+            k_cache, v_cache = self.caches[i]
+            consts = dict(
+                q_start=start,
+                scale=c.attention_scale,
+                window=self.window if c.is_sliding(i) else None,
+                ring=self.ring(i),
+                batch=b,
+            )
+            if blocks:
+                consts["image_blocks"] = blocks
+            out = self._run(phase, attention_prefill, q, k, v, k_cache, v_cache, **consts)
+            self._write_cache(phase, i, b, k[None, :valid], v[None, :valid], positions[None, :valid])
+            return out.reshape(q.shape[0], -1)
+
+        return attend
+
+    @property
+    def image_chunk(self) -> int:
+        """Rows of an image's prefill chunk: ``image_prefill_chunk_size`` (mm_tokens_per_image)."""
+        size = self.rbln.image_prefill_chunk_size
+        if size is None:
+            raise ValueError("this model was not configured for images (image_prefill_chunk_size is unset)")
+        return size
+
+    def check_image_chunk(self) -> None:
+        """Refuse an image chunk the attention kernel would mask differently from transformers
+        (module docstring): longer than the sliding window on a model with sliding layers."""
+        size, c = self.image_chunk, self.c
+        if SLIDING in c.layer_types and size > self.window:
+            raise NotImplementedError(
+                f"image_prefill_chunk_size {size} (mm_tokens_per_image) exceeds sliding_window "
+                f"{self.window}: transformers limits an image's bidirectional attention by the window "
+                "on sliding layers, which the attention kernel's image blocks do not; supported when "
+                "mm_tokens_per_image <= sliding_window (as in every released Gemma3)"
+            )
+        if size > self.max_seq_len:
+            raise ValueError(f"an image's {size} tokens exceed max_seq_len {self.max_seq_len}")
+
+    def _check_images(self, n: int, images) -> list[tuple[int, np.ndarray]]:
+        if not images:
+            return []
+        size, hidden = self.image_chunk, self.c.hidden_size
+        self.check_image_chunk()
+        out, end = [], 0
+        for k, (start, features) in enumerate(images):
+            start = int(start)
+            features = np.asarray(features, np.float32)
+            if features.shape != (size, hidden):
+                raise ValueError(f"image {k}: features {features.shape} must be ({size}, {hidden})")
+            if start < end or start + size > n:
+                raise ValueError(
+                    f"image {k}: tokens [{start}, {start + size}) overlap the previous image or leave "
+                    f"the prompt of {n} tokens"
+                )
+            out.append((start, features))
+            end = start + size
+        return out
+
+    def _chunks(self, n: int, images):
+        """(start, valid tokens, rows, image features or None) of every prefill chunk, in order:
+        text chunks of ``prefill_chunk_size`` between the images, one chunk per image."""
+        chunk, pos = self.rbln.prefill_chunk_size, 0
+        for start, features in [*images, (n, None)]:
+            for s in range(pos, start, chunk):
+                yield s, min(chunk, start - s), chunk, None
+            if features is not None:
+                yield start, len(features), len(features), features
+                pos = start + len(features)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token per sequence of the batch; return logits (B, V)."""
@@ -336,8 +423,35 @@ class Gemma3OnNPU:
             shapes = ", ".join(f"{tuple(s)} {d}" for s, d in signature)
             raise type(e)(f"kernel {kernel.name} at ({shapes}) with {consts}: {e}") from None
 
+    def plan_images(self) -> None:
+        """Compile the image chunk: one dry image prefill at position 0 plans its kernels, and
+        the attention is also planned at its largest (the last image that fits max_seq_len)."""
+        self.check_image_chunk()
+        size, c = self.image_chunk, self.c
+        features = np.zeros((size, c.hidden_size), np.float32)
+        self.prefill(0, np.zeros(size, np.int64), images=[(0, features)])
+        self.reset()
+        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        last = self.max_seq_len - size
+        for i in sorted({c.layer_types.index(t) for t in set(c.layer_types)}):
+            k_cache = self.caches[i][0]
+            cache = (k_cache.shape, k_cache.dtype)
+            new = [((size, hkv, hd), k_cache.dtype)] * 2
+            self._plan(
+                attention_prefill,
+                [((size, hq, hd), k_cache.dtype), *new, cache, cache],
+                dict(
+                    q_start=last,
+                    scale=c.attention_scale,
+                    window=self.window if c.is_sliding(i) else None,
+                    ring=self.ring(i),
+                    batch=0,
+                    image_blocks=((last, last + size),),
+                ),
+            )
+
     def reports(self) -> dict[str, CycleReport | None]:
         return {phase: cost.total(phase) for phase, cost in self.cost.items()}
 
 
-__all__ = ["Gemma3OnNPU", "FULL", "SLIDING"]
+__all__ = ["Gemma3OnNPU", "PhaseCost", "IMAGE_PREFILL", "FULL", "SLIDING"]

@@ -6,7 +6,7 @@ how quickly the host produces the same numbers. Two things matter on a small CPU
 * **One thread pool at a time.** Numba's parallel loops (OpenMP threads) and OpenBLAS keep
   their own worker threads, which spin for a while after each call; two pools alternating on
   two cores wait on each other's spinning (a decode step of a few hundred small calls went
-  from ~20 ms to over 800 ms that way). So the elementwise kernels run on the calling thread
+  from ~30 ms to over 800 ms that way on the default model). So the elementwise kernels run on the calling thread
   (they are cheap next to the products), products with many rows (prefill) use BLAS's
   threads, and products with few rows (decode) and decode attention use Numba's.
 * **Weight bytes.** Decoding streams every weight once per token. Weights may be held in

@@ -1,0 +1,183 @@
+"""Generation on the default model (Gemma 3 270M): host speed beside transformers, emulated cost.
+
+    python benchmarks/generate.py [--prompt-tokens 512] [--new-tokens 128] [--json]
+
+In one process: our ``generate`` (fast mode, the compiled default model from the cache) on a
+prompt of ``--prompt-tokens`` tokens, greedy, ``--new-tokens`` new tokens (EOS ignored); then,
+when the oracle extra is installed, transformers (fp32, CPU, its default threads) on the same
+converted weights and the same prompt: one forward over the prompt, then one token per step
+with its KV cache, as ``generate`` does inside. Prints host prefill / decode tokens per second
+of both and their ratio, the emulated cycles, milliseconds and tokens per second of prefill and
+decode on the chip, beside the DRAM-bandwidth bound of a decode step (its compulsory bytes over
+the chip's DRAM bytes per cycle), and peak resident memory (after ours, and at the end).
+
+Measured side by side in one run on purpose: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+from common import emit_json  # also puts the repository on sys.path
+
+TEXT = (
+    "The history of computing is a story of layers. At the bottom, transistors switch; above them, "
+    "logic gates add and compare; above those, processors fetch instructions, decode them and move "
+    "numbers between registers and memory. Each layer hides the one below it, and each new layer "
+    "makes the machine easier to use and harder to see. Accelerators for neural networks add one "
+    "more: arrays of multipliers fed by direct memory access engines, small fast memories next to "
+    "them, and a compiler that decides which tile of which matrix sits where at every moment. "
+)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(TEXT * (n // 50 + 2))
+    if len(ids) < n:
+        raise ValueError(f"the benchmark text gives only {len(ids)} tokens, {n} wanted")
+    return ids[:n]
+
+
+def ours(ids: list[int], new_tokens: int) -> dict:
+    from gemma3 import NPUGemma3ForCausalLM
+    from gemma3.default_model import compiled_default_dir
+
+    t = time.perf_counter()
+    model = NPUGemma3ForCausalLM.from_pretrained(compiled_default_dir(len(ids) + new_tokens))
+    load_s = time.perf_counter() - t
+    model.generate([ids[:8]], max_new_tokens=2)  # warm-up: Numba's compiled code, page cache
+    out = model.generate([ids], max_new_tokens=new_tokens, eos_token_id=[])
+    tokens = out[0][len(ids) :]
+    rep = model.last_report
+    cfg = model.runtime.npu.config
+    steps = rep.new_tokens  # decode steps run (the first new token comes from prefill)
+    decode_bytes = rep.decode.io_bytes / steps  # compulsory: weights, KV cache read, activations
+    return {
+        "tokens": [int(t) for t in tokens],
+        "load_s": load_s,
+        "host_prefill_s": rep.host_prefill_s,
+        "host_decode_s": rep.host_decode_s,
+        "host_prefill_tok_s": len(ids) / rep.host_prefill_s,
+        "host_decode_tok_s": steps / rep.host_decode_s,
+        "decode_steps": steps,
+        "npu": cfg.name,
+        "emulated": {
+            "prefill_cycles": rep.prefill.cycles,
+            "prefill_ms": rep.prefill.time_us / 1e3,
+            "prefill_tok_s": len(ids) / (rep.prefill.time_us / 1e6),
+            "decode_cycles": rep.decode.cycles,
+            "decode_ms": rep.decode.time_us / 1e3,
+            "decode_tok_s": steps / (rep.decode.time_us / 1e6),
+            "decode_cycles_per_token": rep.decode.cycles / steps,
+            "decode_dram_bytes_per_token": decode_bytes,
+            "decode_dram_bound_cycles_per_token": decode_bytes / cfg.dram_bytes_per_cycle,
+            "decode_pct_of_dram_bound": 100
+            * (decode_bytes / cfg.dram_bytes_per_cycle)
+            / (rep.decode.cycles / steps),
+        },
+        "peak_rss_mb": peak_rss_mb(),
+        "model_dir": "default (Gemma 3 270M, compiled cache)",
+    }
+
+
+def transformers_run(model_dir: str, ids: list[int], new_tokens: int) -> dict | None:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model(torch.tensor([ids[:8]]))  # warm-up
+        x = torch.tensor([ids])
+        t = time.perf_counter()
+        out = model(x, use_cache=True)
+        prefill_s = time.perf_counter() - t
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [int(tok)]
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(tok))
+        decode_s = time.perf_counter() - t
+    return {
+        "tokens": tokens,
+        "host_prefill_s": prefill_s,
+        "host_decode_s": decode_s,
+        "host_prefill_tok_s": len(ids) / prefill_s,
+        "host_decode_tok_s": (new_tokens - 1) / decode_s,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--no-transformers", action="store_true", help="measure ours only")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    from gemma3.default_model import default_model_dir
+    from gemma3.tokenizer import Gemma3Tokenizer
+
+    hf_dir = default_model_dir()
+    ids = prompt_ids(Gemma3Tokenizer(hf_dir), args.prompt_tokens)
+    result = {"prompt_tokens": len(ids), "new_tokens": args.new_tokens, "ours": ours(ids, args.new_tokens)}
+    hf = None if args.no_transformers else transformers_run(hf_dir, ids, args.new_tokens)
+    result["transformers"] = hf
+    if hf is not None:
+        o = result["ours"]
+        result["ratio"] = {
+            "prefill": o["host_prefill_tok_s"] / hf["host_prefill_tok_s"],
+            "decode": o["host_decode_tok_s"] / hf["host_decode_tok_s"],
+        }
+        same = next((i for i, (a, b) in enumerate(zip(o["tokens"], hf["tokens"])) if a != b), None)
+        result["tokens_agree_before"] = len(o["tokens"]) if same is None else same
+    result["peak_rss_mb_end"] = peak_rss_mb()
+    if args.json:
+        emit_json(result)
+        return
+    report(result)
+
+
+def report(r: dict) -> None:
+    o, hf, e = r["ours"], r["transformers"], r["ours"]["emulated"]
+    print(f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, greedy; host: this CPU")
+    print(f"ours: loaded the compiled model in {o['load_s']:.1f} s (numerics bf16, fast mode)")
+    print()
+    print(f"{'host tokens/s':<16}{'ours':>10}{'transformers':>14}{'ratio':>8}")
+    for phase in ("prefill", "decode"):
+        mine = o[f"host_{phase}_tok_s"]
+        if hf is None:
+            print(f"{phase:<16}{mine:>10.1f}{'-':>14}{'-':>8}")
+        else:
+            print(f"{phase:<16}{mine:>10.1f}{hf[f'host_{phase}_tok_s']:>14.1f}{r['ratio'][phase]:>7.2f}x")
+    if hf is not None:
+        print(
+            f"(transformers fp32 on {hf['torch_threads']} threads; greedy tokens agree for the first "
+            f"{r['tokens_agree_before']} of {len(o['tokens'])}: ours compute in bf16 numerics)"
+        )
+    print()
+    print(f"emulated on {o['npu']!r}{'cycles':>16}{'ms':>10}{'tokens/s':>11}")
+    print(f"{'prefill':<18}{e['prefill_cycles']:>16,}{e['prefill_ms']:>10.2f}{e['prefill_tok_s']:>11.1f}")
+    print(f"{'decode':<18}{e['decode_cycles']:>16,}{e['decode_ms']:>10.2f}{e['decode_tok_s']:>11.1f}")
+    print(
+        f"decode step: {e['decode_cycles_per_token']:,.0f} cycles; DRAM-bandwidth bound "
+        f"{e['decode_dram_bound_cycles_per_token']:,.0f} cycles ({e['decode_dram_bytes_per_token'] / 1e6:.1f} MB "
+        f"compulsory per token): {e['decode_pct_of_dram_bound']:.1f}% of the bound"
+    )
+    print()
+    print(
+        f"peak resident memory: {o['peak_rss_mb']:,.0f} MB after ours, {r['peak_rss_mb_end']:,.0f} MB at the end"
+    )
+
+
+if __name__ == "__main__":
+    main()
