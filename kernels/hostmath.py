@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SMALL_M = 16  # rows: up to this many, products stream the weights in Numba (decode)
@@ -51,19 +51,27 @@ def _f32_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@numba.njit(inline="always")
-def _bf16(bits):
-    """The fp32 value of bfloat16 ``bits`` (uint16): they are the fp32 word's upper half."""
-    return _f32_bits(np.int32(np.uint32(bits) << np.uint32(16)))
+def _value(x):
+    """The fp32 value of one weight as held: fp32 as is, bfloat16 bits (uint16) widened."""
+    raise NotImplementedError  # only called from Numba code: see the overload below
 
 
-def _bits(w: np.ndarray) -> np.ndarray:
-    return w.view(np.uint16)
+@overload(_value, inline="always")
+def _value_typed(x):
+    if x == types.uint16:  # bf16 bits: the fp32 word's upper half
+        return lambda x: _f32_bits(np.int32(np.uint32(x) << np.uint32(16)))
+    return lambda x: x
+
+
+def _held(w: np.ndarray) -> np.ndarray:
+    """What the Numba kernels read: bf16 as its bits (uint16), else fp32."""
+    return w.view(np.uint16) if is_bf16(w) else np.asarray(w, np.float32)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _mv_kn_bf16(a, w, out, block):
-    """out (M, N) = a (M, K) @ w (K, N): w bf16 bits, C-ordered; column blocks in parallel."""
+def _mv_kn(a, w, out, block):
+    """out (M, N) = a (M, K) @ w (K, N), w C-ordered (fp32 or bf16 bits); column blocks in
+    parallel, each accumulating its (M, block) outputs over the K rows."""
     m_rows, k_len = a.shape
     n = w.shape[1]
     for b in numba.prange((n + block - 1) // block):
@@ -76,32 +84,14 @@ def _mv_kn_bf16(a, w, out, block):
                 x = a[m, k]
                 am = acc[m]
                 for j in range(n1 - n0):
-                    am[j] += x * _bf16(row[j])
+                    am[j] += x * _value(row[j])
         out[:, n0:n1] = acc
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _mv_kn_f32(a, w, out, block):
-    """out (M, N) = a (M, K) @ w (K, N), fp32 C-ordered."""
-    m_rows, k_len = a.shape
-    n = w.shape[1]
-    for b in numba.prange((n + block - 1) // block):
-        n0 = b * block
-        n1 = min(n, n0 + block)
-        acc = np.zeros((m_rows, n1 - n0), np.float32)
-        for k in range(k_len):
-            row = w[k, n0:n1]
-            for m in range(m_rows):
-                x = a[m, k]
-                am = acc[m]
-                for j in range(n1 - n0):
-                    am[j] += x * row[j]
-        out[:, n0:n1] = acc
-
-
-@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _mv_nk_f32(a, wt, out, block):
-    """out (M, N) = a (M, K) @ wt.T: wt (N, K) fp32 C-ordered."""
+def _mv_nk(a, wt, out, block):
+    """out (M, N) = a (M, K) @ wt.T: wt (N, K) C-ordered (row n is column n of w), so each
+    output is one contiguous dot product and the weights stream in order."""
     m_rows, k_len = a.shape
     n = wt.shape[0]
     for b in numba.prange((n + block - 1) // block):
@@ -111,24 +101,7 @@ def _mv_nk_f32(a, wt, out, block):
                 am = a[m]
                 s = np.float32(0.0)
                 for k in range(k_len):
-                    s += am[k] * row[k]
-                out[m, r] = s
-
-
-@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _mv_nk_bf16(a, wt, out, block):
-    """out (M, N) = a (M, K) @ wt.T: wt (N, K) bf16 bits, C-ordered (row n is column n of w),
-    so each output is one contiguous dot product: the weights stream in order."""
-    m_rows, k_len = a.shape
-    n = wt.shape[0]
-    for b in numba.prange((n + block - 1) // block):
-        for r in range(b * block, min(n, (b + 1) * block)):
-            row = wt[r]
-            for m in range(m_rows):
-                am = a[m]
-                s = np.float32(0.0)
-                for k in range(k_len):
-                    s += am[k] * _bf16(row[k])
+                    s += am[k] * _value(row[k])
                 out[m, r] = s
 
 
@@ -162,15 +135,7 @@ def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     n = w.shape[1]
     out = np.empty((a.shape[0], n), np.float32)
     if col:
-        wt = w.T
-        if is_bf16(wt):
-            _mv_nk_bf16(a, _bits(wt), out, _block(n, 64, 4096))
-        else:
-            _mv_nk_f32(a, np.asarray(wt, np.float32), out, _block(n, 64, 4096))
+        _mv_nk(a, _held(w.T), out, _block(n, 64, 4096))
     else:
-        w = np.ascontiguousarray(w)
-        if is_bf16(w):
-            _mv_kn_bf16(a, _bits(w), out, _block(n, 64, 1024))
-        else:
-            _mv_kn_f32(a, np.asarray(w, np.float32), out, _block(n, 64, 1024))
+        _mv_kn(a, _held(np.ascontiguousarray(w)), out, _block(n, 64, 1024))
     return out
