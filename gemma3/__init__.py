@@ -2,14 +2,33 @@
 
 from gemma3 import RBLNGemma3ForCausalLM          # or NPUGemma3ForCausalLM
 model = RBLNGemma3ForCausalLM.from_pretrained("gemma3-dir", rbln_max_seq_len=512)
+
+from gemma3 import RBLNGemma3ForConditionalGeneration   # image+text; or NPUGemma3ForConditionalGeneration
+model = RBLNGemma3ForConditionalGeneration.from_pretrained("gemma3-4b-dir")
 """
 
 from .modeling import NPUGemma3ForCausalLM, RBLNGemma3ForCausalLM
-from .rbln_config import NPUGemma3ForCausalLMConfig, RBLNGemma3ForCausalLMConfig
+from .multimodal import NPUGemma3ForConditionalGeneration, RBLNGemma3ForConditionalGeneration
+from .processor import Gemma3Processor
+from .rbln_config import (
+    NPUGemma3ForCausalLMConfig,
+    NPUGemma3ForConditionalGenerationConfig,
+    NPUSiglipVisionModelConfig,
+    RBLNGemma3ForCausalLMConfig,
+    RBLNGemma3ForConditionalGenerationConfig,
+    RBLNSiglipVisionModelConfig,
+)
 
 __all__ = [
+    "Gemma3Processor",
     "NPUGemma3ForCausalLM",
     "NPUGemma3ForCausalLMConfig",
+    "NPUGemma3ForConditionalGeneration",
+    "NPUGemma3ForConditionalGenerationConfig",
+    "NPUSiglipVisionModelConfig",
     "RBLNGemma3ForCausalLM",
     "RBLNGemma3ForCausalLMConfig",
+    "RBLNGemma3ForConditionalGeneration",
+    "RBLNGemma3ForConditionalGenerationConfig",
+    "RBLNSiglipVisionModelConfig",
 ]

@@ -6,6 +6,9 @@
 
 A directory is *compiled* when it holds ``rbln_config.json`` and ``compiled/`` (device-layout
 weights and the kernels' planned schedules); ``export=None`` compiles unless it is.
+
+``NPUGemma3PreTrainedModel`` holds what this facade shares with the image+text one
+(``gemma3/multimodal.py``): loading, compiling, saving and the generation loop.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .config import Gemma3TextConfig
 from .generation import GenerateOutput, GenerationSettings, generate_loop, read_generation_config, to_dict
 from .model import Gemma3OnNPU
 from .plans import load_plans, save_plans
-from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, strip_rbln
+from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, strip_rbln
 from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
@@ -50,51 +53,56 @@ class GenerationReport:
         self.prompt_tokens, self.new_tokens = prompt_tokens, new_tokens
         self.host_prefill_s, self.host_decode_s = host_prefill_s, host_decode_s
 
-    def table(self) -> str:
-        rows = [
-            f"{'phase':<10}{'tokens':>8}{'emulated cycles':>18}{'emulated ms':>14}{'emulated tok/s':>16}{'host tok/s':>12}"
-        ]
-        for name, rep, n, host in (
+    def phases(self) -> list[tuple[str, CycleReport | None, int, float]]:
+        """(phase, its emulated cost, tokens, host seconds), in the order the phases ran."""
+        return [
             ("prefill", self.prefill, self.prompt_tokens, self.host_prefill_s),
             ("decode", self.decode, self.new_tokens, self.host_decode_s),
-        ):
+        ]
+
+    def table(self) -> str:
+        phases = self.phases()
+        w = max(10, max(len(name) for name, *_ in phases) + 2)
+        rows = [
+            f"{'phase':<{w}}{'tokens':>8}{'emulated cycles':>18}{'emulated ms':>14}{'emulated tok/s':>16}{'host tok/s':>12}"
+        ]
+        for name, rep, n, host in phases:
             if rep is None:
-                rows.append(f"{name:<10}{n:>8}{'-':>18}{'-':>14}{'-':>16}{'-':>12}")
+                rows.append(f"{name:<{w}}{n:>8}{'-':>18}{'-':>14}{'-':>16}{'-':>12}")
                 continue
             ms = rep.time_us / 1e3
             rows.append(
-                f"{name:<10}{n:>8}{rep.cycles:>18,}{ms:>14.3f}{n / (ms / 1e3) if ms else 0:>16,.1f}{n / host if host else 0:>12,.1f}"
+                f"{name:<{w}}{n:>8}{rep.cycles:>18,}{ms:>14.3f}{n / (ms / 1e3) if ms else 0:>16,.1f}{n / host if host else 0:>12,.1f}"
             )
         return "\n".join(rows)
 
 
-class NPUGemma3ForCausalLM:
-    config_class = NPUGemma3ForCausalLMConfig
+class NPUGemma3PreTrainedModel:
+    """What the text and the image+text facades share: ``from_pretrained`` (export or load a
+    compiled directory), ``from_model``, ``compile``, ``save_pretrained`` and the generation
+    loop. A subclass names its configuration classes and fills in the hooks (``_read_config``,
+    ``_from_checkpoint``, ``_from_compiled``, ``_compiled_fields``, ``_plan_all``,
+    ``_device_tensors``); ``self.runtime`` is its ``Gemma3OnNPU``."""
 
-    def __init__(
-        self,
-        directory: str,
-        config: Gemma3TextConfig,
-        rbln_config: NPUGemma3ForCausalLMConfig,
-        device_weights: dict,
-        generation_config: dict,
-    ):
-        self.model_dir = directory
-        self.config = config
-        self.rbln_config = rbln_config
-        self.generation_config = generation_config
-        self.runtime = Gemma3OnNPU(config, rbln_config, device_weights)
-        self.max_seq_len = self.runtime.max_seq_len
-        try:
-            self.tokenizer = Gemma3Tokenizer(directory)
-        except TokenizerError:
-            self.tokenizer = None
-        self.last_report: GenerationReport | None = None
+    config_class: type[NPUModelConfig]
+    hf_model_type = ""  # transformers' model_type that from_model accepts
+    hf_class_name = ""  # the transformers class, for error messages
+
+    runtime: Gemma3OnNPU
+    rbln_config: NPUModelConfig
+    generation_config: dict
+    tokenizer: Gemma3Tokenizer | None
+    last_report: GenerationReport | None
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(cls, model_id, export: bool | None = None, rbln_config=None, **kwargs):
+        """A model from a local directory: compiled from its Hugging Face checkpoint (``export``
+        True, or None and the directory is not compiled) or loaded compiled. ``rbln_config`` (a
+        dict or ``config_class`` instance) and ``rbln_``-prefixed kwargs set the configuration;
+        loading a compiled directory may change only fields the compiled artefacts do not
+        depend on."""
         directory = os.fspath(model_id)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"model_id {directory!r} is not a local directory (no hub access here)")
@@ -108,51 +116,59 @@ class NPUGemma3ForCausalLM:
             raise ValueError(
                 f"{directory} is not compiled (no {CONFIG_NAME} and {COMPILED}/); pass export=True"
             )
-        config = Gemma3TextConfig.from_json(os.path.join(directory, "config.json"))
+        config = cls._read_config(directory)
         gen = read_generation_config(directory)
         if export:
-            rbln = NPUGemma3ForCausalLMConfig.from_any(rbln_config, **overrides)
-            ckpt = Checkpoint(directory)
-            names = text_weights(ckpt, config)
-            weights = Gemma3OnNPU.device_weights(config, lambda n: ckpt.float32(names[n]))
-            model = cls(directory, config, rbln, weights, gen)
+            rbln = cls.config_class.from_any(rbln_config, **overrides)
+            model = cls._from_checkpoint(directory, config, rbln, gen)
             model.compile()
             return model
-        saved = NPUGemma3ForCausalLMConfig.load(directory)
-        rbln = NPUGemma3ForCausalLMConfig.from_any(saved, **overrides)
+        saved = cls.config_class.load(directory)
+        rbln = cls.config_class.from_any(saved, **overrides)
         if rbln_config is not None:
-            rbln = NPUGemma3ForCausalLMConfig.from_any(
-                rbln, **NPUGemma3ForCausalLMConfig.from_any(rbln_config).to_dict()
-            )
-        compiled_fields = ("batch_size", "max_seq_len", "prefill_chunk_size", "npu")
-        changed = [f for f in compiled_fields if getattr(rbln, f) != getattr(saved, f)]
+            rbln = cls.config_class.from_any(rbln, **_config_overrides(cls.config_class, rbln_config))
+        was, now = cls._compiled_fields(saved), cls._compiled_fields(rbln)
+        changed = [f for f in was if now[f] != was[f]]
         if changed:
             raise ValueError(
                 f"{directory} was compiled with other {changed}; load it with export=True to recompile"
             )
-        f = SafetensorsFile(os.path.join(directory, COMPILED, WEIGHTS))
-        weights = {
-            name: f.raw(name) if f.tensors[name][0] in ("BF16", "I32", "I64") else f.float32(name)
-            for name in f.tensors
-            if not (name == "lm_head" and config.tie_word_embeddings)  # older saves wrote it
-        }
-        model = cls(directory, config, rbln, weights, gen)
+        model = cls._from_compiled(directory, config, rbln, gen, read_compiled_weights(directory))
         load_plans(model.runtime.npu, os.path.join(directory, COMPILED))
         return model
 
     @classmethod
+    def _read_config(cls, directory):
+        raise NotImplementedError
+
+    @classmethod
+    def _from_checkpoint(cls, directory, config, rbln, gen):
+        """The model from a Hugging Face checkpoint (not compiled yet)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_compiled(cls, directory, config, rbln, gen, weights: dict):
+        """The model from the device-layout weights a ``save_pretrained`` wrote."""
+        raise NotImplementedError
+
+    @classmethod
+    def _compiled_fields(cls, rbln) -> dict:
+        """The rbln_config fields the compiled artefacts depend on (a load may not change them)."""
+        raise NotImplementedError
+
+    @classmethod
     def from_model(cls, model, config=None, rbln_config=None, model_save_dir=None, **kwargs):
-        """Compile a transformers ``Gemma3ForCausalLM`` (needs the oracle extra)."""
+        """Compile a transformers model (needs the oracle extra)."""
         try:
             import transformers
         except ImportError:
             raise ImportError("from_model needs transformers (pip install 'npu-gemma3[oracle]')") from None
         if (
             not isinstance(model, transformers.PreTrainedModel)
-            or getattr(model.config, "model_type", None) != "gemma3_text"
+            or getattr(model.config, "model_type", None) != cls.hf_model_type
         ):
             raise TypeError(
-                f"from_model expects a transformers Gemma3ForCausalLM, got {type(model).__name__}"
+                f"from_model expects a transformers {cls.hf_class_name}, got {type(model).__name__}"
             )
         if config is not None:
             model.config = config
@@ -167,11 +183,29 @@ class NPUGemma3ForCausalLM:
     def compile(self):
         """Plan every kernel at the model's static shapes; name any that does not fit."""
         try:
-            self.runtime.plan_all()
+            self._plan_all()
         except (EmulatorError, OperandShapeError) as e:
             raise ValueError(f"compiling for {self.runtime.npu.config.name!r}: {e}") from None
 
+    def _plan_all(self):
+        self.runtime.plan_all()
+
     # ------------------------------------------------------------------ saving
+
+    def _config_json(self) -> dict:
+        """config.json as read (the transformers config)."""
+        raise NotImplementedError
+
+    def _device_tensors(self) -> dict:
+        """Name -> DeviceTensor of every weight the compiled directory stores."""
+        rt = self.runtime
+        # The tied LM head is not stored: it is rebuilt from the embedding.
+        return {name: t for name, t in rt.weights.items() if name not in rt.aliases}
+
+    def _save_files(self, directory) -> None:
+        """Files besides the configs, weights and plans (the tokenizer's)."""
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
 
     def save_pretrained(self, save_directory):
         """Write config, generation config, tokenizer, rbln_config.json and compiled/ atomically."""
@@ -181,17 +215,14 @@ class NPUGemma3ForCausalLM:
         tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
         try:
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(self.config.raw, f, indent=2)
+                json.dump(self._config_json(), f, indent=2)
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(self.generation_config, f, indent=2)
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp)
+            self._save_files(tmp)
             self.rbln_config.save(tmp)
             os.makedirs(os.path.join(tmp, COMPILED))
             tensors = {}
-            for name, t in self.runtime.weights.items():
-                if name in self.runtime.aliases:  # the tied LM head: rebuilt from the embedding
-                    continue
+            for name, t in self._device_tensors().items():
                 data = t.numpy()
                 # bf16 numerics hold bf16 values: store 2 bytes each, exactly; fp32 keeps fp32.
                 exact = t.dtype == "bf16" and self.rbln_config.numerics == "bf16"
@@ -214,7 +245,13 @@ class NPUGemma3ForCausalLM:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
+    def _generate(self, input_ids, attention_mask, generation_config, kwargs, prepare=None, report=None):
+        """``generate`` with Hugging Face semantics on ``self.runtime``.
+
+        ``prepare(ids, mask)`` (optional) checks extra inputs before anything runs and returns
+        a function giving, when prefill starts, one dict of extra ``runtime.prefill`` arguments
+        per sequence. ``report(prompt_tokens, new_tokens, timer)`` (optional) makes
+        ``last_report``; the default reports prefill and decode."""
         streamer = kwargs.pop("streamer", None)
         kind, ids = _to_numpy(input_ids)
         if ids.ndim == 1:
@@ -241,6 +278,7 @@ class NPUGemma3ForCausalLM:
                 f"prompt of {int(lengths.max())} tokens + {n_new} new tokens exceeds max_seq_len "
                 f"{self.max_seq_len}; compile with a larger rbln_max_seq_len"
             )
+        extras = prepare(ids, mask) if prepare is not None else None
         rt = self.runtime
         rt.reset()
         timer = {"prefill": 0.0, "decode": 0.0, "steps": 0}
@@ -248,7 +286,11 @@ class NPUGemma3ForCausalLM:
 
         def prefill(input_ids, attention_mask):
             t = time.perf_counter()
-            rows = [rt.prefill(b, input_ids[b][attention_mask[b].astype(bool)]) for b in range(batch)]
+            per_row = extras() if extras is not None else [{}] * batch
+            rows = [
+                rt.prefill(b, input_ids[b][attention_mask[b].astype(bool)], **per_row[b])
+                for b in range(batch)
+            ]
             timer["prefill"] += time.perf_counter() - t
             return np.stack(rows)
 
@@ -262,15 +304,19 @@ class NPUGemma3ForCausalLM:
             return logits
 
         sequences, raw_logits, scores = generate_loop(prefill, decode, ids, mask, settings, streamer)
-        reports = rt.reports()
-        self.last_report = GenerationReport(
-            reports["prefill"],
-            reports["decode"],
-            int(lengths.sum()),
-            timer["steps"] * batch,
-            timer["prefill"],
-            timer["decode"],
-        )
+        prompt_tokens, new_tokens = int(lengths.sum()), timer["steps"] * batch
+        if report is not None:
+            self.last_report = report(prompt_tokens, new_tokens, timer)
+        else:
+            reports = rt.reports()
+            self.last_report = GenerationReport(
+                reports["prefill"],
+                reports["decode"],
+                prompt_tokens,
+                new_tokens,
+                timer["prefill"],
+                timer["decode"],
+            )
         sequences = _from_numpy(kind, sequences, input_ids)
         if settings.return_dict_in_generate:
             return GenerateOutput(
@@ -281,6 +327,83 @@ class NPUGemma3ForCausalLM:
                 tuple(_from_numpy(kind, x, input_ids) for x in scores) if settings.output_scores else None,
             )
         return sequences
+
+
+class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
+    config_class = NPUGemma3ForCausalLMConfig
+    hf_model_type = "gemma3_text"
+    hf_class_name = "Gemma3ForCausalLM"
+
+    def __init__(
+        self,
+        directory: str,
+        config: Gemma3TextConfig,
+        rbln_config: NPUGemma3ForCausalLMConfig,
+        device_weights: dict,
+        generation_config: dict,
+    ):
+        self.model_dir = directory
+        self.config = config
+        self.rbln_config = rbln_config
+        self.generation_config = generation_config
+        self.runtime = Gemma3OnNPU(config, rbln_config, device_weights)
+        self.max_seq_len = self.runtime.max_seq_len
+        self.tokenizer = load_tokenizer(directory)
+        self.last_report: GenerationReport | None = None
+
+    @classmethod
+    def _read_config(cls, directory) -> Gemma3TextConfig:
+        return Gemma3TextConfig.from_json(os.path.join(directory, "config.json"))
+
+    @classmethod
+    def _from_checkpoint(cls, directory, config, rbln, gen):
+        ckpt = Checkpoint(directory)
+        names = text_weights(ckpt, config)
+        weights = Gemma3OnNPU.device_weights(config, lambda n: ckpt.float32(names[n]))
+        return cls(directory, config, rbln, weights, gen)
+
+    @classmethod
+    def _from_compiled(cls, directory, config, rbln, gen, weights):
+        if config.tie_word_embeddings:
+            weights.pop("lm_head", None)  # older saves wrote it
+        return cls(directory, config, rbln, weights, gen)
+
+    @classmethod
+    def _compiled_fields(cls, rbln) -> dict:
+        fields = {f: getattr(rbln, f) for f in ("batch_size", "max_seq_len", "prefill_chunk_size")}
+        return {**fields, "npu": rbln.npu_config}  # the chip itself, however it was named
+
+    def _config_json(self) -> dict:
+        return self.config.raw
+
+    def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
+        return self._generate(input_ids, attention_mask, generation_config, kwargs)
+
+
+def load_tokenizer(directory) -> Gemma3Tokenizer | None:
+    """The directory's tokenizer, or None when it has none."""
+    try:
+        return Gemma3Tokenizer(directory)
+    except TokenizerError:
+        return None
+
+
+def read_compiled_weights(directory) -> dict[str, np.ndarray]:
+    """compiled/weights.safetensors: bf16 and integer tensors as stored, the others as fp32."""
+    f = SafetensorsFile(os.path.join(directory, COMPILED, WEIGHTS))
+    return {
+        name: f.raw(name) if f.tensors[name][0] in ("BF16", "I32", "I64") else f.float32(name)
+        for name in f.tensors
+    }
+
+
+def _config_overrides(config_class, rbln_config) -> dict:
+    """The fields an ``rbln_config`` argument sets over a saved configuration: a dict's keys
+    (checked), or every field of a config instance."""
+    if isinstance(rbln_config, dict):
+        config_class.from_any(rbln_config)  # a bad field raises here, naming it
+        return dict(rbln_config)
+    return config_class.from_any(rbln_config).to_dict()
 
 
 def is_compiled(directory) -> bool:

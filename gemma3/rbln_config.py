@@ -3,6 +3,10 @@
 Fields are checked at construction and a bad one raises ``ValueError`` naming the field and
 the value; unknown fields raise too. ``load(path, **kwargs)`` reads ``rbln_config.json`` and
 lets ``rbln_``-prefixed kwargs (``rbln_max_seq_len=512``) override saved values.
+
+The image+text model's config (``NPUGemma3ForConditionalGenerationConfig``) holds two
+sub-configs, ``vision_tower`` and ``language_model``, as dicts or config objects; overriding
+one with a dict (``rbln_language_model={"max_seq_len": 1024}``) updates it field by field.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from emulator import NPUConfig, get_preset
 
@@ -115,7 +119,7 @@ class NPUModelConfig:
             raise ValueError(
                 f"{cls.__name__}.load: unexpected keyword argument(s) {unknown} (use the rbln_ prefix)"
             )
-        return cls.create({**doc, **overrides})
+        return cls.from_any(doc, **overrides)
 
 
 @dataclass
@@ -153,5 +157,146 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
             raise NotImplementedError("lora_config: LoRA adapters are not supported yet")
 
 
+@dataclass
+class NPUSiglipVisionModelConfig(NPUModelConfig):
+    """The vision tower of an image+text model. Images are encoded one at a time (static
+    shapes, as on the chip), so ``batch_size`` is 1; the chip fields (``npu``, ``mode``,
+    ``numerics``) come from the enclosing model's config."""
+
+    image_size: int | list[int] | None = None  # checked against vision_config.image_size when set
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size != 1:
+            raise ValueError(
+                f"batch_size must be 1 for the vision tower (images are encoded one at a time), "
+                f"got {self.batch_size!r}"
+            )
+        size = self.image_size
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2:
+                raise ValueError(f"image_size must be an int or a (height, width) pair, got {size!r}")
+            for v in size:
+                _positive_int("image_size", v)
+            self.image_size = list(size)
+        else:
+            _positive_int("image_size", size)
+
+
+# Fields the image+text config holds for the whole model and hands down to its sub-configs.
+CHIP_FIELDS = ("npu", "mode", "numerics")
+
+
+def _npu_key(value):
+    """A comparable form of an ``npu`` field (a preset name, an NPUConfig or its dict)."""
+    try:
+        return get_preset(NPUConfig.from_dict(value) if isinstance(value, dict) else value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"npu: {e}") from None
+
+
+def _given(name: str, value, cls) -> dict:
+    """The fields a sub-config sets: a dict's keys, or an instance's non-default fields."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, cls):
+        return {
+            f.name: getattr(value, f.name)
+            for f in fields(cls)
+            if getattr(value, f.name) != (f.default if f.default_factory is MISSING else f.default_factory())
+        }
+    raise ValueError(f"{name} must be a dict or {cls.__name__}, got {type(value).__name__}")
+
+
+@dataclass
+class NPUGemma3ForConditionalGenerationConfig(NPUModelConfig):
+    """Configuration of the image+text model (Optimum RBLN's
+    ``RBLNGemma3ForConditionalGenerationConfig``): ``batch_size`` (the language model's decode
+    batch; default 1), ``vision_tower`` (an ``NPUSiglipVisionModelConfig`` or its dict) and
+    ``language_model`` (an ``NPUGemma3ForCausalLMConfig`` or its dict). Both parts run on one
+    chip: ``npu``, ``mode`` and ``numerics`` are set here (or in a sub-config, taken up here) and
+    handed down; a sub-config that sets one of them, or ``batch_size``, differently raises."""
+
+    batch_size: int | None = None
+    vision_tower: NPUSiglipVisionModelConfig | dict | None = None
+    language_model: NPUGemma3ForCausalLMConfig | dict | None = None
+    # keyword-only, after the sub-configs: the positional order is Optimum RBLN's
+    npu: str | NPUConfig | None = field(default=None, kw_only=True)
+    mode: str | None = field(default=None, kw_only=True)
+    numerics: str | None = field(default=None, kw_only=True)
+
+    SUBMODULES = {"vision_tower": NPUSiglipVisionModelConfig, "language_model": NPUGemma3ForCausalLMConfig}
+
+    def __post_init__(self):
+        given = {name: _given(name, getattr(self, name), cls) for name, cls in self.SUBMODULES.items()}
+        lm, vt = given["language_model"], given["vision_tower"]
+        if self.batch_size is None:
+            self.batch_size = lm.get("batch_size", 1)
+        _positive_int("batch_size", self.batch_size, allow_none=False)
+        if lm.get("batch_size", self.batch_size) != self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} and language_model.batch_size {lm['batch_size']} differ; "
+                "set batch_size only"
+            )
+        for name in CHIP_FIELDS:
+            key = _npu_key if name == "npu" else (lambda v: v)
+            top = getattr(self, name)
+            for sub, d in given.items():
+                if name not in d:
+                    continue
+                if top is None:
+                    top = d[name]
+                elif key(d[name]) != key(top):
+                    raise ValueError(
+                        f"{sub}.{name} {d[name]!r} differs from the model's {name} {top!r}: both parts "
+                        "run on one chip; set it once, at the top level"
+                    )
+            setattr(self, name, top if top is not None else NPUModelConfig.__dataclass_fields__[name].default)
+        super().__post_init__()
+        chip = {name: getattr(self, name) for name in CHIP_FIELDS}
+        for sub, d in (("vision_tower", vt), ("language_model", {**lm, "batch_size": self.batch_size})):
+            try:
+                setattr(self, sub, self.SUBMODULES[sub].create({**d, **chip}))
+            except ValueError as e:
+                raise ValueError(f"{sub}: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for sub in self.SUBMODULES:
+            inherited = CHIP_FIELDS + (("batch_size",) if sub == "language_model" else ())
+            d[sub] = {k: v for k, v in getattr(self, sub).to_dict().items() if k not in inherited}
+        return d
+
+    @classmethod
+    def from_any(cls, value=None, **overrides):
+        """As ``NPUModelConfig.from_any``; a sub-config given as a dict in ``overrides`` updates
+        the one in ``value`` field by field, and a chip field or ``batch_size`` set at the top
+        level replaces what ``value``'s sub-configs say."""
+        if value is None:
+            value = {}
+        if isinstance(value, cls):
+            value = value.to_dict()
+        if not isinstance(value, dict):
+            raise TypeError(f"rbln_config must be a dict or {cls.__name__}, got {type(value).__name__}")
+        merged = dict(value)
+        for key, v in overrides.items():
+            sub_cls = cls.SUBMODULES.get(key)
+            if sub_cls is not None and isinstance(v, dict) and merged.get(key) is not None:
+                merged[key] = {**_given(key, merged[key], sub_cls), **v}
+            else:
+                merged[key] = v
+        for name in ("batch_size",) + CHIP_FIELDS:
+            if name not in overrides:
+                continue
+            for sub, sub_cls in cls.SUBMODULES.items():
+                if name not in (overrides.get(sub) or {}) and merged.get(sub) is not None:
+                    merged[sub] = {k: v for k, v in _given(sub, merged[sub], sub_cls).items() if k != name}
+        return cls.create(merged)
+
+
 # Optimum RBLN names, so code written for it runs with only the import changed.
 RBLNGemma3ForCausalLMConfig = NPUGemma3ForCausalLMConfig
+RBLNSiglipVisionModelConfig = NPUSiglipVisionModelConfig
+RBLNGemma3ForConditionalGenerationConfig = NPUGemma3ForConditionalGenerationConfig

@@ -480,13 +480,7 @@ class VisionTowerOnNPU:
         # The attention's KV cache: empty (no earlier positions; every key is in the chunk).
         empty = np.zeros((1, v.num_attention_heads, 0, v.head_dim), np.float32)
         self.empty_cache = npu.to_device(empty, name="vision.empty_kv")
-        p = v.num_patches
-        self.consts = {
-            "patch": dict(patch=v.patch_size),
-            "ln": dict(eps=v.layer_norm_eps),
-            "attn": dict(q_start=0, scale=v.attention_scale, image_blocks=((0, p),)),
-            "proj": dict(pool=spec.pool, eps=spec.projector_eps),
-        }
+        self.consts = kernel_consts(spec)
         self.cost = PhaseCost()
 
     # ------------------------------------------------------------------ kernels
@@ -557,32 +551,8 @@ class VisionTowerOnNPU:
     def signatures(self) -> list[tuple]:
         """(kernel, input (shape, dtype) signature, consts) of every distinct kernel call one
         image makes (the layers share theirs)."""
-        v, w, c = self.spec.vision, self.weights, self.consts
-        dt = self.npu.dtype
-        p, d, heads, hd = v.num_patches, v.hidden_size, v.num_attention_heads, v.head_dim
-
-        def sig(*items):
-            return [
-                (tuple(s.shape), s.dtype) if isinstance(s, DeviceTensor) else (tuple(s), dt) for s in items
-            ]
-
-        rows, heads_shape = (p, d), (p, heads, hd)
-        img = (v.num_channels, v.image_size, v.image_size)
-        cache = self.empty_cache
-        out = [(patch_embed, sig(img, w["patch_w"], w["patch_b"], w["pos"]), c["patch"])]
-        for i in range(v.num_hidden_layers):
-            out += [
-                (layernorm, sig(rows, w[f"{i}.ln1_w"], w[f"{i}.ln1_b"]), c["ln"]),
-                (linear, sig(rows, w[f"{i}.qkv"], w[f"{i}.qkv_b"]), {}),
-                (attention_prefill, sig(heads_shape, heads_shape, heads_shape, cache, cache), c["attn"]),
-                (linear, sig(rows, w[f"{i}.o"], w[f"{i}.o_b"]), {}),
-                (layernorm, sig(rows, w[f"{i}.ln2_w"], w[f"{i}.ln2_b"]), c["ln"]),
-                (siglip_mlp, sig(rows, w[f"{i}.fc1"], w[f"{i}.fc1_b"], w[f"{i}.fc2"], w[f"{i}.fc2_b"]), {}),
-            ]
-        out.append((layernorm, sig(rows, w["post_ln_w"], w["post_ln_b"]), c["ln"]))
-        out.append((mm_projector, sig(rows, w["mm_norm"], w["mm_proj"]), c["proj"]))
         seen, unique = set(), []
-        for kernel, signature, consts in out:
+        for kernel, signature, consts in image_kernel_calls(self.spec, self.npu.dtype):
             key = (kernel.name, tuple(signature), tuple(sorted(consts.items())))
             if key not in seen:
                 seen.add(key)
@@ -609,6 +579,50 @@ class VisionTowerOnNPU:
 
     def reset(self) -> None:
         self.cost.reports.clear()
+
+
+def kernel_consts(spec: Gemma3VisionSpec) -> dict[str, dict]:
+    """The compile-time constants of the image path's kernels, by role."""
+    v = spec.vision
+    return {
+        "patch": dict(patch=v.patch_size),
+        "ln": dict(eps=v.layer_norm_eps),
+        "attn": dict(q_start=0, scale=v.attention_scale, image_blocks=((0, v.num_patches),)),
+        "proj": dict(pool=spec.pool, eps=spec.projector_eps),
+    }
+
+
+def image_kernel_calls(spec: Gemma3VisionSpec, dtype: str = "bf16") -> list[tuple]:
+    """(kernel, input (shape, dtype) signature, consts) of every kernel call encoding one image
+    makes, in order, every tensor in the device dtype ``dtype``: what ``VisionTowerOnNPU`` runs,
+    from the shapes alone (no weights needed; ``npu.plan`` each to cost it)."""
+    v, c, w = spec.vision, kernel_consts(spec), device_weight_shapes(spec)
+    p, d, heads, hd = v.num_patches, v.hidden_size, v.num_attention_heads, v.head_dim
+
+    def sig(*items):
+        return [(tuple(w[x]) if isinstance(x, str) else tuple(x), dtype) for x in items]
+
+    rows, heads_shape = (p, d), (p, heads, hd)
+    cache = (1, heads, 0, hd)  # the attention's KV cache: empty, every key is in the chunk
+    out = [
+        (
+            patch_embed,
+            sig((v.num_channels, v.image_size, v.image_size), "patch_w", "patch_b", "pos"),
+            c["patch"],
+        )
+    ]
+    for i in range(v.num_hidden_layers):
+        out += [
+            (layernorm, sig(rows, f"{i}.ln1_w", f"{i}.ln1_b"), c["ln"]),
+            (linear, sig(rows, f"{i}.qkv", f"{i}.qkv_b"), {}),
+            (attention_prefill, sig(heads_shape, heads_shape, heads_shape, cache, cache), c["attn"]),
+            (linear, sig(rows, f"{i}.o", f"{i}.o_b"), {}),
+            (layernorm, sig(rows, f"{i}.ln2_w", f"{i}.ln2_b"), c["ln"]),
+            (siglip_mlp, sig(rows, f"{i}.fc1", f"{i}.fc1_b", f"{i}.fc2", f"{i}.fc2_b"), {}),
+        ]
+    out.append((layernorm, sig(rows, "post_ln_w", "post_ln_b"), c["ln"]))
+    out.append((mm_projector, sig(rows, "mm_norm", "mm_proj"), c["proj"]))
+    return out
 
 
 def device_weight_shapes(spec: Gemma3VisionSpec) -> dict[str, tuple]:
@@ -642,6 +656,8 @@ __all__ = [
     "Gemma3VisionSpec",
     "expected_vision_shapes",
     "device_weight_shapes",
+    "image_kernel_calls",
+    "kernel_consts",
     "vision_checkpoint_names",
     "vision_device_weights",
     "load_vision_weights",
