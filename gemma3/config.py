@@ -138,13 +138,17 @@ class Gemma3TextConfig:
 
     @classmethod
     def from_json(cls, path) -> Gemma3TextConfig:
-        path = os.fspath(path)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(*read_json(path))
+
+
+def read_json(path) -> tuple[dict, str]:
+    """(the object in a JSON file, its path); a clear ValueError when it is not JSON."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _rope(d: dict, source: str) -> dict[str, RopeParams]:

@@ -382,39 +382,43 @@ class Gemma3OnNPU:
     def _plan_largest_attention(self) -> None:
         c, b = self.c, self.rbln.batch_size
         chunk = self.rbln.prefill_chunk_size
-        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        last = (self.max_seq_len - 1) // chunk * chunk
-        for i in sorted({c.layer_types.index(t) for t in set(c.layer_types)}):
-            k_cache = self.caches[i][0]
-            cache = (k_cache.shape, "bf16")
-            self._plan(
-                attention_prefill,
-                [
-                    ((chunk, hq, hd), "bf16"),
-                    ((chunk, hkv, hd), "bf16"),
-                    ((chunk, hkv, hd), "bf16"),
-                    cache,
-                    cache,
-                ],
-                dict(
-                    q_start=last,
-                    scale=c.attention_scale,
-                    window=self.window if c.is_sliding(i) else None,
-                    ring=self.ring(i),
-                    batch=0,
-                ),
-            )
-            slots = k_cache.shape[2]
+        self._plan_prefill_attention(chunk, (self.max_seq_len - 1) // chunk * chunk)
+        for i in self._one_layer_per_type():
+            cache = (self.caches[i][0].shape, self.caches[i][0].dtype)
+            slots = cache[0][2]
             self._plan(
                 attention_decode,
                 [
-                    ((b, hq, hd), "bf16"),
+                    ((b, c.num_attention_heads, c.head_dim), cache[1]),
                     cache,
                     cache,
                     ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), "fp32"),
                 ],
                 dict(scale=c.attention_scale),
             )
+
+    def _one_layer_per_type(self) -> list[int]:
+        return sorted({self.c.layer_types.index(t) for t in set(self.c.layer_types)})
+
+    def _plan_prefill_attention(self, size: int, q_start: int, image_blocks=()) -> None:
+        """Plan the prefill attention of a ``size``-token chunk at ``q_start`` on each layer type
+        (the consts exactly as ``prefill`` passes them, so the plan is found at run time)."""
+        c = self.c
+        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        for i in self._one_layer_per_type():
+            k_cache = self.caches[i][0]
+            cache = (k_cache.shape, k_cache.dtype)
+            consts = dict(
+                q_start=q_start,
+                scale=c.attention_scale,
+                window=self.window if c.is_sliding(i) else None,
+                ring=self.ring(i),
+                batch=0,
+            )
+            if image_blocks:
+                consts["image_blocks"] = image_blocks
+            new = ((size, hkv, hd), k_cache.dtype)
+            self._plan(attention_prefill, [((size, hq, hd), k_cache.dtype), new, new, cache, cache], consts)
 
     def _plan(self, kernel, signature, consts):
         try:
@@ -431,24 +435,8 @@ class Gemma3OnNPU:
         features = np.zeros((size, c.hidden_size), np.float32)
         self.prefill(0, np.zeros(size, np.int64), images=[(0, features)])
         self.reset()
-        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         last = self.max_seq_len - size
-        for i in sorted({c.layer_types.index(t) for t in set(c.layer_types)}):
-            k_cache = self.caches[i][0]
-            cache = (k_cache.shape, k_cache.dtype)
-            new = [((size, hkv, hd), k_cache.dtype)] * 2
-            self._plan(
-                attention_prefill,
-                [((size, hq, hd), k_cache.dtype), *new, cache, cache],
-                dict(
-                    q_start=last,
-                    scale=c.attention_scale,
-                    window=self.window if c.is_sliding(i) else None,
-                    ring=self.ring(i),
-                    batch=0,
-                    image_blocks=((last, last + size),),
-                ),
-            )
+        self._plan_prefill_attention(size, last, image_blocks=((last, last + size),))
 
     def reports(self) -> dict[str, CycleReport | None]:
         return {phase: cost.total(phase) for phase, cost in self.cost.items()}

@@ -24,7 +24,6 @@ same ``compiled/weights.safetensors`` under ``vision.`` and the processor's file
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -34,7 +33,7 @@ import numpy as np
 
 from emulator import CycleReport
 
-from .config import Gemma3TextConfig
+from .config import Gemma3TextConfig, read_json
 from .model import IMAGE_PREFILL, Gemma3OnNPU
 from .modeling import (
     GenerationReport,
@@ -101,13 +100,7 @@ class Gemma3ImageTextConfig:
 
     @classmethod
     def from_json(cls, path) -> Gemma3ImageTextConfig:
-        path = os.fspath(path)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(*read_json(path))
 
 
 class MultimodalGenerationReport(GenerationReport):
