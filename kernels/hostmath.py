@@ -125,12 +125,14 @@ def column_major(w: np.ndarray, dtype=None) -> np.ndarray:
 def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``a @ w`` in fp32: a (M, K) fp32, w (K, N) fp32 or bf16, C-ordered or column-major.
 
-    At most ``SMALL_M`` rows of ``a`` (decode: bandwidth bound), Numba streams the weights
-    once over its threads, widening bf16 in registers. More rows (prefill: compute bound) go
-    to BLAS, bf16 weights widened once per call."""
+    At most ``SMALL_M`` rows of ``a`` (decode: bandwidth bound), Numba streams column-major
+    or bf16 weights once over its threads, widening bf16 in registers; C-ordered fp32 weights
+    (a kernel called on plain arrays) go to BLAS's matrix-vector product, which streams them
+    faster than a column-block loop. More rows (prefill: compute bound) go to BLAS, bf16
+    weights widened once per call."""
     a = np.ascontiguousarray(a, dtype=np.float32)
     col = transposed(w)
-    if a.shape[0] > SMALL_M:
+    if a.shape[0] > SMALL_M or not (col or is_bf16(w)):
         return np.matmul(a, as_f32(w.T).T if col else as_f32(w), dtype=np.float32)
     n = w.shape[1]
     out = np.empty((a.shape[0], n), np.float32)
