@@ -68,7 +68,7 @@ from kernels.vision import mm_projector, patch_embed
 
 from .config import GELU_TANH
 from .model import PhaseCost
-from .weights import CheckpointError
+from .weights import check_tensors, shape_mismatch
 
 # ============================================================================ configuration
 
@@ -325,18 +325,12 @@ def vision_checkpoint_names(ckpt, spec: Gemma3VisionSpec) -> dict[str, str]:
         if name not in names:
             missing.append(name)
             continue
-        got = tuple(ckpt.shape(name))
-        if got != want:
-            note = " (transposed)" if got == tuple(reversed(want)) else ""
-            misshaped.append(f"{name}: {got}, expected {want}{note}")
+        if mismatch := shape_mismatch(name, ckpt.shape(name), want):
+            misshaped.append(mismatch)
         found[short] = name
-    if missing or misshaped:
-        parts = [f"{where}: the vision tower / projector tensors do not match the config"]
-        if missing:
-            parts.append(f"missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if misshaped:
-            parts.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped[:20]))
-        raise CheckpointError("\n  ".join(parts))
+    check_tensors(
+        f"{where}: the vision tower / projector tensors do not match the config", missing, [], misshaped
+    )
     return found
 
 

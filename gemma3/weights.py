@@ -205,22 +205,35 @@ def text_weights(
     if not c.tie_word_embeddings:
         expected["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     missing = sorted(set(expected) - set(found))
-    misshaped = []
-    for short, name in found.items():
-        got, want = tuple(ckpt.shape(name)), expected[short]
-        if got != want:
-            note = " (transposed)" if got == tuple(reversed(want)) else ""
-            misshaped.append(f"{name}: {got}, expected {want}{note}")
-    if missing or unexpected or misshaped:
-        parts = [f"checkpoint {ckpt.directory} does not match the config"]
-        if missing:
-            parts.append(f"missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): {sorted(unexpected)[:20]}")
-        if misshaped:
-            parts.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped[:20]))
-        raise CheckpointError("\n  ".join(parts))
+    misshaped = [
+        m for short, name in found.items() if (m := shape_mismatch(name, ckpt.shape(name), expected[short]))
+    ]
+    check_tensors(f"checkpoint {ckpt.directory} does not match the config", missing, unexpected, misshaped)
     return found
+
+
+def shape_mismatch(name: str, got, want: tuple) -> str | None:
+    """None when a tensor has the expected shape, else a line naming it (and whether it looks
+    transposed)."""
+    got = tuple(got)
+    if got == want:
+        return None
+    note = " (transposed)" if got == tuple(reversed(want)) else ""
+    return f"{name}: {got}, expected {want}{note}"
+
+
+def check_tensors(what: str, missing, unexpected, misshaped) -> None:
+    """One CheckpointError listing every missing, unexpected and mis-shaped tensor, if any."""
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [what]
+    if missing:
+        parts.append(f"missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        parts.append(f"unexpected ({len(unexpected)}): {sorted(unexpected)[:20]}")
+    if misshaped:
+        parts.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped[:20]))
+    raise CheckpointError("\n  ".join(parts))
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
