@@ -64,13 +64,18 @@ class NPUModelConfig:
     @classmethod
     def from_any(cls, value=None, **overrides):
         """A config from None, a dict or an instance, with field overrides applied."""
+        return cls.create({**cls._as_dict(value), **overrides})
+
+    @classmethod
+    def _as_dict(cls, value) -> dict:
+        """The fields of None, a dict or an instance, as a dict."""
         if value is None:
-            value = {}
+            return {}
         if isinstance(value, cls):
-            value = value.to_dict()
+            return value.to_dict()
         if not isinstance(value, dict):
             raise TypeError(f"rbln_config must be a dict or {cls.__name__}, got {type(value).__name__}")
-        return cls.create({**value, **overrides})
+        return value
 
     @classmethod
     def create(cls, d: dict):
@@ -274,13 +279,7 @@ class NPUGemma3ForConditionalGenerationConfig(NPUModelConfig):
         """As ``NPUModelConfig.from_any``; a sub-config given as a dict in ``overrides`` updates
         the one in ``value`` field by field, and a chip field or ``batch_size`` set at the top
         level replaces what ``value``'s sub-configs say."""
-        if value is None:
-            value = {}
-        if isinstance(value, cls):
-            value = value.to_dict()
-        if not isinstance(value, dict):
-            raise TypeError(f"rbln_config must be a dict or {cls.__name__}, got {type(value).__name__}")
-        merged = dict(value)
+        merged = dict(cls._as_dict(value))
         for key, v in overrides.items():
             sub_cls = cls.SUBMODULES.get(key)
             if sub_cls is not None and isinstance(v, dict) and merged.get(key) is not None:
