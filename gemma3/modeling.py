@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -25,6 +24,7 @@ import numpy as np
 from emulator import CycleReport, OperandShapeError
 from emulator.errors import EmulatorError
 
+from .atomic import new_directory
 from .config import Gemma3TextConfig
 from .generation import GenerateOutput, GenerationSettings, generate_loop, read_generation_config, to_dict
 from .model import Gemma3OnNPU
@@ -210,10 +210,8 @@ class NPUGemma3PreTrainedModel:
     def save_pretrained(self, save_directory):
         """Write config, generation config, tokenizer, rbln_config.json and compiled/ atomically."""
         target = os.path.abspath(os.fspath(save_directory))
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
-        try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with new_directory(target) as tmp:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self._config_json(), f, indent=2)
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
@@ -231,17 +229,6 @@ class NPUGemma3PreTrainedModel:
                 os.path.join(tmp, COMPILED, WEIGHTS), tensors, {"format": "npu-gemma3 device layout"}
             )
             save_plans(self.runtime.npu, os.path.join(tmp, COMPILED))
-            os.chmod(tmp, 0o755)
-            if os.path.exists(target):
-                old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
-                os.rename(target, os.path.join(old, "x"))
-                os.rename(tmp, target)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     # ------------------------------------------------------------------ generation
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import MISSING, dataclass, field, fields
 
 from emulator import NPUConfig, get_preset
+
+from .atomic import new_file
 
 CONFIG_NAME = "rbln_config.json"
 
@@ -94,11 +95,8 @@ class NPUModelConfig:
     def save(self, directory) -> str:
         path = os.path.join(os.fspath(directory), CONFIG_NAME)
         doc = {"class": type(self).__name__, **self.to_dict()}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w") as f:
+        with new_file(path, suffix=".json") as tmp, open(tmp, "w") as f:
             json.dump(doc, f, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
         return path
 
     @classmethod

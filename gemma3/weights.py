@@ -12,11 +12,11 @@ import json
 import math
 import os
 import struct
-import tempfile
 
 import ml_dtypes
 import numpy as np
 
+from .atomic import new_file
 from .config import Gemma3TextConfig
 
 DTYPES = {
@@ -257,17 +257,8 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for a in arrays:
-                f.write(a.tobytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with new_file(path, suffix=".safetensors") as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
