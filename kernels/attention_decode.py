@@ -70,7 +70,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import ceil_div, tiles
 
-from .common import split
+from .common import interleave, split
 
 # Floor of a row max. A piece whose slots are all masked with -inf then has m = NEG and
 # exp(-inf - NEG) = 0 (no NaN from -inf - -inf); its weight in the combine is exp(NEG - M) = 0.
@@ -393,8 +393,7 @@ def attention_decode_emit(k, q, k_cache, v_cache, mask, *, scale):
         return combiners[pc.b, pc.g]
 
     programs = [_engine_program(k, e, plan, ctx, combiner) for e in range(len(plan.pieces))]
-    while programs:
-        programs = [p for p in programs if next(p, StopIteration) is not StopIteration]
+    interleave(programs)
     return out
 
 

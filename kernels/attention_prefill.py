@@ -96,6 +96,8 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
+from .common import interleave
+
 AFF = "aff"  # an edge that moves with the query: kp = qp (causal) or kp = qp - window + 1
 CONST = "const"  # an edge at a fixed key position (image block ends)
 
@@ -758,8 +760,7 @@ def _emit(k, q, k_new, v_new, k_cache, v_cache, *, geo: Geometry, plan: Plan, sc
         for e, idx in enumerate(owned)
         if idx
     ]
-    while programs:
-        programs = [p for p in programs if next(p, StopIteration) is not StopIteration]
+    interleave(programs)
     return out
 
 

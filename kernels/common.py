@@ -119,8 +119,7 @@ def stream_rows(
     programs = []
     for e, (r0, rl) in enumerate(split(rows, cfg.num_engines)):
         programs.append(_engine_rows(k, e, r0, rl, tr, inputs, outputs, body, scratch, depth, setup))
-    while programs:
-        programs = [p for p in programs if next(p, StopIteration) is not StopIteration]
+    interleave(programs)
 
 
 def _engine_rows(k, e, r0, rl, tr, inputs, outputs, body, scratch, depth, setup):
@@ -164,6 +163,14 @@ def _engine_rows(k, e, r0, rl, tr, inputs, outputs, body, scratch, depth, setup)
         for j, o in enumerate(outputs):
             k.dma(o[rows], outs[j], queue=q_out)
         yield
+
+
+def interleave(programs) -> None:
+    """Run engines' programs (generators issuing instructions) step by step, round robin, until
+    all are done: program order is issue order per queue, so the engines work in step."""
+    programs = list(programs)
+    while programs:
+        programs = [p for p in programs if next(p, StopIteration) is not StopIteration]
 
 
 def load_store_queues(cfg, engine: int) -> tuple[list[int], list[int]]:

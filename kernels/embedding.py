@@ -33,7 +33,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import fastest, index_queue, load_store_queues, split
+from .common import fastest, index_queue, interleave, load_store_queues, split
 
 
 def embedding_reference(ids, table, *, scale: float = 1.0, **_) -> np.ndarray:
@@ -135,8 +135,7 @@ def embedding_emit(k, ids, table, *, scale: float = 1.0, plan: EmbeddingPlan | N
     for gi, tb in enumerate(split(tokens, gt)):
         for gj, cb in enumerate(split(width, p.gd)):
             programs.append(_engine_program(k, gi * p.gd + gj, ids, table, out, tb, cb, float(scale), p))
-    while programs:
-        programs = [pr for pr in programs if next(pr, StopIteration) is not StopIteration]
+    interleave(programs)
     return out
 
 

@@ -48,7 +48,7 @@ from emulator.memory import itemsize
 from emulator.program import ceil_div, tiles
 
 from . import hostmath
-from .common import queues, split
+from .common import interleave, queues, split
 
 
 def _softcapped(logits: np.ndarray, softcap: float | None) -> np.ndarray:
@@ -166,8 +166,7 @@ def lm_head_emit(k, x, w, vocab_ids=None, *, softcap: float | None = None, plan:
             _engine_program(k, e, x, w, vocab_ids, logits, (n0, nl), segs, j0, allm, ids_dram, softcap, p)
         )
         j0 += len(segs)
-    while programs:
-        programs = [pr for pr in programs if next(pr, StopIteration) is not StopIteration]
+    interleave(programs)
     # Engine 0: the first maximum over all segments (in column order), then its id.
     jstar = k.alloc((b, 1), "int32", engine=0, name="jstar")
     for r0, rl in tiles(b, max(1, vmax // n_seg)):

@@ -72,6 +72,7 @@ from emulator.program import KernelContext, ceil_div, tiles
 from emulator.units import SFU
 
 from . import hostmath
+from .common import interleave
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -567,13 +568,6 @@ def check_activation(activation) -> None:
         raise KernelError(f"unknown activation {activation!r}; the SFU has {sorted(SFU)}")
 
 
-def interleave(programs) -> None:
-    """Run engines' programs step by step (program order is issue order per queue)."""
-    programs = list(programs)
-    while programs:
-        programs = [p for p in programs if next(p, StopIteration) is not StopIteration]
-
-
 class _Stager:
     """Copies a DRAM operand into shared SRAM one unit at a time, on first request.
 
@@ -977,7 +971,6 @@ __all__ = [
     "Epilogue",
     "Job",
     "build_job",
-    "interleave",
     "footprint",
     "stage_bytes",
     "flops",

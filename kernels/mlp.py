@@ -50,6 +50,7 @@ from emulator import Kernel, KernelError, NPUConfig
 from emulator.program import ceil_div, tiles
 
 from . import hostmath
+from .common import interleave
 from .matmul import (
     DTYPE_BYTES,
     Epilogue,
@@ -61,7 +62,6 @@ from .matmul import (
     footprint,
     geglu_fast,
     gelu_tanh_reference,
-    interleave,
     stage_bytes,
 )
 

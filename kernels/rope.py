@@ -39,7 +39,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import fastest, index_queue, load_store_queues, split
+from .common import fastest, index_queue, interleave, load_store_queues, split
 
 
 def rope_tables(
@@ -211,8 +211,7 @@ def rope_emit(k, x, cos_table, sin_table, positions, *, plan: RopePlan | None = 
         for gj, hb in enumerate(split(heads, p.gh)):
             e = gi * p.gh + gj
             programs.append(_engine_program(k, e, x, cos_table, sin_table, positions, out, tb, hb, p))
-    while programs:
-        programs = [pr for pr in programs if next(pr, StopIteration) is not StopIteration]
+    interleave(programs)
     return out
 
 

@@ -41,7 +41,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import KernelContext, ceil_div, tiles
 
-from .common import fastest, load_store_queues, rows_view, split
+from .common import fastest, interleave, load_store_queues, rows_view, split
 
 
 def softmax_reference(x: np.ndarray, **_) -> np.ndarray:
@@ -208,8 +208,7 @@ def softmax_emit(k, x, *, plan: SoftmaxPlan | None = None):
     for st in states:
         by_group.setdefault(id(st["group"]), []).append(_engine_program(k, st, x2, o2, p))
     programs = [_lockstep(progs) for progs in by_group.values()]
-    while programs:
-        programs = [pr for pr in programs if next(pr, StopIteration) is not StopIteration]
+    interleave(programs)
     return out
 
 

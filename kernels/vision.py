@@ -83,7 +83,7 @@ from emulator import Kernel, KernelError
 from emulator.memory import itemsize
 from emulator.program import ceil_div, tiles
 
-from .common import fastest, split, trace_cycles
+from .common import fastest, interleave, split, trace_cycles
 from .norms import rmsnorm_fast
 
 
@@ -316,9 +316,7 @@ def _emit_patch_embed(k, pixels, w, b, pos, p: int, t: PatchTiling):
                     _patch_engine(k, engine, pixels, w, b, pos, out, p, (m0, m1), (c0, c1), t, stager)
                 )
             engine += 1
-    # Interleave the engines' programs step by step (program order is issue order per queue).
-    while programs:
-        programs = [g for g in programs if next(g, StopIteration) is not StopIteration]
+    interleave(programs)
     return out
 
 
@@ -701,8 +699,7 @@ def _emit_projector(k, x, norm_w, w, g, pool, eps, t: ProjectorTiling):
         tok0 = blocks[bi][0] * gp
         window = [(s - ki + kj, kj) for kj in range(n_k - tail, n_k)]
         programs = [_tail_program(m, window, tb, tok0) for m in mm]
-        while programs:
-            programs = [p for p in programs if next(p, StopIteration) is not StopIteration]
+        interleave(programs)
 
     def _tail_program(m, window, tb, tok0):
         e, acc = m["e"], m["acc"]
