@@ -13,6 +13,14 @@ ROOFLINE_FORMULA = (
 )
 
 
+def chip(cfg) -> str:
+    """One line describing the emulated chip: engines, peak compute, DRAM bandwidth."""
+    return (
+        f"{cfg.name}: {cfg.num_engines} engines, {cfg.peak_tflops:.1f} TFLOPS, "
+        f"{cfg.dram_bytes_per_cycle * cfg.clock_hz / 1e9:.0f} GB/s DRAM"
+    )
+
+
 def row(name: str, report) -> dict:
     d = report.to_dict()
     return {

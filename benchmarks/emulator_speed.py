@@ -18,7 +18,7 @@ import argparse
 import time
 
 import numpy as np
-from common import emit_json
+from common import chip, emit_json
 
 from emulator import NPU
 from emulator.timing import schedule
@@ -105,7 +105,7 @@ def main():
     best_fast = max(r["emulated_cycles_per_second"] for r in rows)
     print(
         f"fast mode: {best_fast:.3g} emulated cycles per wall-second at best (goal >= 1e8); the host's NumPy "
-        "math bounds it: the emulated chip does 32.8 TFLOPS and 256 GB/s, this host far less"
+        f"math bounds it: the emulated chip is {chip(cfg)}, this host far less"
     )
     print(
         f"tile mode: {tile_row['emulated_cycles_per_second']:.3g} emulated cycles per wall-second "

@@ -16,7 +16,7 @@ import argparse
 import os
 import time
 
-from common import ROOFLINE_FORMULA, emit_json, print_rows, row
+from common import ROOFLINE_FORMULA, chip, emit_json, print_rows, row
 
 from emulator import NPU
 from kernels import (
@@ -133,10 +133,7 @@ def main():
     args = ap.parse_args()
     npu = NPU(args.npu)
     cfg = npu.config
-    print(
-        f"kernels on {cfg.name}: {cfg.num_engines} engines, {cfg.peak_tflops:.1f} TFLOPS, "
-        f"{cfg.dram_bytes_per_cycle * cfg.clock_hz / 1e9:.0f} GB/s DRAM; prefill chunk {CHUNK}, decode batch 1"
-    )
+    print(f"kernels on {chip(cfg)}; prefill chunk {CHUNK}, decode batch 1")
     print(ROOFLINE_FORMULA)
     print("goals: matmul-dominated >= 85%, attention >= 75%, bandwidth-bound >= 85% of roofline\n")
     rows, below = [], []

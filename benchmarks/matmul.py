@@ -9,7 +9,7 @@ import argparse
 import os
 import time
 
-from common import ROOFLINE_FORMULA, emit_json, print_rows, row
+from common import ROOFLINE_FORMULA, chip, emit_json, print_rows, row
 
 from emulator import NPU
 from kernels.matmul import choose_tiling, matmul
@@ -26,10 +26,7 @@ def main():
     args = ap.parse_args()
     npu = NPU(args.npu)
     cfg = npu.config
-    print(
-        f"matmul on {cfg.name}: {cfg.num_engines} engines, {cfg.peak_tflops:.1f} TFLOPS, "
-        f"{cfg.dram_bytes_per_cycle * cfg.clock_hz / 1e9:.0f} GB/s DRAM, bf16"
-    )
+    print(f"matmul on {chip(cfg)}, bf16")
     print(ROOFLINE_FORMULA + "\n")
     rows = []
     t0 = time.perf_counter()

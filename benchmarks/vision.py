@@ -22,7 +22,7 @@ import argparse
 import os
 import time
 
-from common import ROOFLINE_FORMULA, emit_json, row
+from common import ROOFLINE_FORMULA, chip, emit_json, row
 
 from emulator import NPU, CycleReport
 from gemma3.vision import Gemma3VisionSpec, SiglipVisionConfig, image_kernel_calls
@@ -91,10 +91,7 @@ def main():
     v = spec.vision
     npu = NPU(args.npu)
     cfg = npu.config
-    print(
-        f"image encoding on {cfg.name}: {cfg.num_engines} engines, {cfg.peak_tflops:.1f} TFLOPS, "
-        f"{cfg.dram_bytes_per_cycle * cfg.clock_hz / 1e9:.0f} GB/s DRAM, {npu.dtype}"
-    )
+    print(f"image encoding on {chip(cfg)}, {npu.dtype}")
     print(
         f"SigLIP: {v.image_size} x {v.image_size} image, patch {v.patch_size} ({v.num_patches} patches), "
         f"{v.num_hidden_layers} layers, hidden {v.hidden_size}, {v.num_attention_heads} heads of {v.head_dim}, "
