@@ -26,8 +26,8 @@ def tiny_config(**overrides):
     return transformers.Gemma3TextConfig(**kw)
 
 
-def tiny_model(directory, seed=0, **overrides):
-    """Save a random Gemma3ForCausalLM (fp32) into ``directory``; return the torch model."""
+def tiny_random_model(seed=0, **overrides):
+    """A random Gemma3ForCausalLM (fp32, eval mode) with random norm weights."""
     torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
     import transformers
 
@@ -37,6 +37,12 @@ def tiny_model(directory, seed=0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0, 0.3)
+    return model
+
+
+def tiny_model(directory, seed=0, **overrides):
+    """Save a random Gemma3ForCausalLM (fp32) into ``directory``; return the torch model."""
+    model = tiny_random_model(seed, **overrides)
     model.save_pretrained(directory)
     return model
 

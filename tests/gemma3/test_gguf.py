@@ -186,18 +186,9 @@ def tiny_tensors(state_dict, quant: int = F32) -> list:
 
 
 def tiny_hf_model(seed=0):
-    from tests.gemma3.oracle import tiny_config
+    from tests.gemma3.oracle import tiny_random_model
 
-    torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(tiny_config(**TINY)).eval()
-    with torch.no_grad():  # norms start at zero: give them values so they matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.3)
-    return model
+    return tiny_random_model(seed, **TINY)
 
 
 @pytest.fixture()
