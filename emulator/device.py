@@ -146,8 +146,8 @@ class NPU:
         stored = values.dtype == host_dtype and (
             values.T.flags.c_contiguous if column_major else values.flags.c_contiguous
         )
-        if not copy and stored:
-            return values
+        if stored and (not copy or not np.may_share_memory(values, array)):
+            return values  # the caller's view (copy=False), or already a fresh array (rounded)
         # A copy: the device owns its DRAM (the host array may change or be reused).
         if column_major:
             return np.array(values.T, dtype=host_dtype, order="C", copy=True).T
