@@ -83,7 +83,7 @@ class Gemma3OnNPU:
         # Host copies: matrices column-major and, under bf16 numerics, in bf16 (exact there):
         # decode streams each once per token (see kernels/hostmath.py). Cycles do not change.
         self.aliases = {"lm_head"} if config.tie_word_embeddings else set()
-        weights = {n: a for n, a in weights.items() if n not in self.aliases}
+        weights = {n: a for n, a in weights.items() if n not in self.aliases}  # (older saves wrote one)
         self.weights = {
             name: self.npu.to_device(a, name=name, compact=a.ndim == 2, column_major=is_matrix(name))
             for name, a in progress(weights.items(), "weights to DRAM", total=len(weights))

@@ -351,9 +351,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
 
     @classmethod
     def _from_compiled(cls, directory, config, rbln, gen, weights):
-        if config.tie_word_embeddings:
-            weights.pop("lm_head", None)  # older saves wrote it
-        return cls(directory, config, rbln, weights, gen)
+        return cls(directory, config, rbln, weights, gen)  # a tied LM head saved earlier is ignored
 
     @classmethod
     def _compiled_fields(cls, rbln) -> dict:
@@ -376,10 +374,11 @@ def load_tokenizer(directory) -> Gemma3Tokenizer | None:
 
 
 def read_compiled_weights(directory) -> dict[str, np.ndarray]:
-    """compiled/weights.safetensors: bf16 and integer tensors as stored, the others as fp32."""
+    """compiled/weights.safetensors, memory-mapped: tensors as stored (the upload to the NPU
+    copies them once), fp16 ones widened to fp32."""
     f = SafetensorsFile(os.path.join(directory, COMPILED, WEIGHTS))
     return {
-        name: f.raw(name) if f.tensors[name][0] in ("BF16", "I32", "I64") else f.float32(name)
+        name: f.raw(name) if f.tensors[name][0] in ("BF16", "F32", "I32", "I64") else f.float32(name)
         for name in f.tensors
     }
 

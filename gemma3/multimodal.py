@@ -192,8 +192,6 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
     def _from_compiled(cls, directory, config, rbln, gen, weights):
         vision = {n[len(VISION_PREFIX) :]: a for n, a in weights.items() if n.startswith(VISION_PREFIX)}
         text = {n: a for n, a in weights.items() if not n.startswith(VISION_PREFIX)}
-        if config.text.tie_word_embeddings:
-            text.pop("lm_head", None)
         return cls(directory, config, rbln, text, vision, gen)
 
     @classmethod
