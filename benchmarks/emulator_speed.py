@@ -20,9 +20,9 @@ import time
 import numpy as np
 from common import chip, emit_json
 
-from emulator import NPU
-from emulator.timing import schedule
-from kernels.matmul import matmul
+from npu_emulator import NPU
+from npu_emulator.timing import schedule
+from npu_kernels.matmul import matmul
 
 CASES = [(1, 2560, 10240), (256, 2560, 10240), (1, 640, 262144)]
 

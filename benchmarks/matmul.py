@@ -11,8 +11,8 @@ import time
 
 from common import ROOFLINE_FORMULA, chip, emit_json, print_rows, row
 
-from emulator import NPU
-from kernels.matmul import choose_tiling, matmul
+from npu_emulator import NPU
+from npu_kernels.matmul import choose_tiling, matmul
 
 SHAPES = [(640, 2048), (2048, 640), (1152, 4304), (2560, 10240), (640, 262144)]
 GOAL = 85.0

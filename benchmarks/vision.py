@@ -24,8 +24,8 @@ import time
 
 from common import ROOFLINE_FORMULA, chip, emit_json, row
 
-from emulator import NPU, CycleReport
 from gemma3.vision import Gemma3VisionSpec, SiglipVisionConfig, image_kernel_calls
+from npu_emulator import NPU, CycleReport
 
 # SigLIP So400m / patch 14 / 896, as in Gemma 3 4B, 12B and 27B; the 4B's text hidden size.
 SO400M = dict(

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from emulator import NPU, Kernel, tiles
+from npu_emulator import NPU, Kernel, tiles
 
 
 def emit(k, a, b):

@@ -90,7 +90,7 @@ def convert(args) -> int:
 def generate(args) -> int:
     if args.image:
         return generate_with_images(args)
-    from emulator.trace import write_sequence_trace
+    from npu_emulator.trace import write_sequence_trace
 
     from .modeling import NPUGemma3ForCausalLM, is_compiled
 
@@ -155,7 +155,7 @@ def _sampling(args) -> dict:
 
 def generate_with_images(args) -> int:
     """``generate --image PATH ...``: an image+text model, the prompt through its processor."""
-    from emulator.trace import write_sequence_trace
+    from npu_emulator.trace import write_sequence_trace
 
     from .modeling import is_compiled
     from .multimodal import NPUGemma3ForConditionalGeneration
@@ -211,7 +211,7 @@ def generate_with_images(args) -> int:
 
 
 def main(argv=None) -> int:
-    from emulator import EmulatorError
+    from npu_emulator import EmulatorError
 
     from .default_model import DefaultModelError
 

@@ -32,17 +32,17 @@ import time
 
 import numpy as np
 
-from emulator import NPU, CycleReport, EmulatorError
-from kernels.attention_decode import attention_decode, decode_kv_tile
-from kernels.attention_prefill import attention_prefill
-from kernels.embedding import embedding
-from kernels.kvcache import kv_cache_write
-from kernels.lm_head import lm_head
-from kernels.matmul import matmul
-from kernels.mlp import geglu_mlp
-from kernels.norms import rmsnorm
-from kernels.rope import rope as rope_kernel
-from kernels.rope import rope_tables
+from npu_emulator import NPU, CycleReport, EmulatorError
+from npu_kernels.attention_decode import attention_decode, decode_kv_tile
+from npu_kernels.attention_prefill import attention_prefill
+from npu_kernels.embedding import embedding
+from npu_kernels.kvcache import kv_cache_write
+from npu_kernels.lm_head import lm_head
+from npu_kernels.matmul import matmul
+from npu_kernels.mlp import geglu_mlp
+from npu_kernels.norms import rmsnorm
+from npu_kernels.rope import rope as rope_kernel
+from npu_kernels.rope import rope_tables
 
 from .config import FULL, SLIDING, Gemma3TextConfig
 from .progress import progress
@@ -81,7 +81,7 @@ class Gemma3OnNPU:
         self.max_seq_len = rbln.max_seq_len or config.max_position_embeddings
         self.npu = NPU(rbln.npu_config, mode=rbln.mode, numerics=rbln.numerics)
         # Host copies: matrices column-major and, under bf16 numerics, in bf16 (exact there):
-        # decode streams each once per token (see kernels/hostmath.py). Cycles do not change.
+        # decode streams each once per token (see npu_kernels/hostmath.py). Cycles do not change.
         self.aliases = {"lm_head"} if config.tie_word_embeddings else set()
         weights = {n: a for n, a in weights.items() if n not in self.aliases}  # (older saves wrote one)
         self.weights = {

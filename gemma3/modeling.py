@@ -21,8 +21,8 @@ import time
 import ml_dtypes
 import numpy as np
 
-from emulator import CycleReport, OperandShapeError
-from emulator.errors import EmulatorError
+from npu_emulator import CycleReport, OperandShapeError
+from npu_emulator.errors import EmulatorError
 
 from .atomic import new_directory
 from .config import Gemma3TextConfig

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emulator import CycleReport
+from npu_emulator import CycleReport
 
 from .config import Gemma3TextConfig, read_json
 from .model import IMAGE_PREFILL, Gemma3OnNPU
@@ -288,7 +288,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
 
     def kernel_reports(self) -> list[CycleReport]:
         """The kernel reports of the last ``generate``, phase after phase (image encoding, image
-        prefill, text prefill, decode): for ``emulator.trace.write_sequence_trace``."""
+        prefill, text prefill, decode): for ``npu_emulator.trace.write_sequence_trace``."""
         cost = self.runtime.cost
         return (
             list(self.vision.reports)

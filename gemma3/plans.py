@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-import kernels
-from emulator import CycleReport
+import npu_kernels
+from npu_emulator import CycleReport
 
 PLANS = "plans.json"
 REPORT_FIELDS = [
@@ -72,7 +72,7 @@ def load_plans(npu, directory) -> int:
         raise ValueError(
             f"{path}: plans were made for another chip configuration; recompile with export=True"
         )
-    registry = kernels.registry()
+    registry = npu_kernels.registry()
     for e in doc["plans"]:
         if e["kernel"] not in registry:
             raise ValueError(f"{path}: unknown kernel {e['kernel']!r}")

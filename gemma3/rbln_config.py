@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
-from emulator import NPUConfig, get_preset
+from npu_emulator import NPUConfig, get_preset
 
 from .atomic import new_file
 

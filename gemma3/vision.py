@@ -59,12 +59,12 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from emulator import NPU, CycleReport, DeviceTensor, EmulatorError
-from kernels.attention_prefill import attention_prefill
-from kernels.matmul import linear
-from kernels.mlp import siglip_mlp
-from kernels.norms import layernorm
-from kernels.vision import mm_projector, patch_embed
+from npu_emulator import NPU, CycleReport, DeviceTensor, EmulatorError
+from npu_kernels.attention_prefill import attention_prefill
+from npu_kernels.matmul import linear
+from npu_kernels.mlp import siglip_mlp
+from npu_kernels.norms import layernorm
+from npu_kernels.vision import mm_projector, patch_embed
 
 from .config import GELU_TANH
 from .model import PhaseCost

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from hypothesis import strategies as st
 
-from emulator import TINY
+from npu_emulator import TINY
 
 # ----------------------------------------------------------------------------- chips, seeds
 

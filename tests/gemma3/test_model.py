@@ -129,7 +129,7 @@ def test_save_and_reload_is_bit_identical_without_recompiling(tmp_path, monkeypa
     assert {"config.json", "generation_config.json", "rbln_config.json", "compiled"} <= set(files)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
-    from emulator import device
+    from npu_emulator import device
 
     def no_tracing(*a, **k):
         raise AssertionError("a kernel was traced again after loading a compiled model")
@@ -195,7 +195,7 @@ def test_tile_mode_generates_the_same_tokens_as_fast_mode(tmp_path):
 
 
 def test_compiling_names_the_kernel_that_does_not_fit(tmp_path):
-    from emulator import TINY
+    from npu_emulator import TINY
 
     tiny_model(tmp_path)
     small = TINY.replace(name="small", local_sram_bytes=4096, shared_sram_bytes=4096)

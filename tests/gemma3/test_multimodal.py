@@ -279,7 +279,7 @@ def test_save_and_reload_is_bit_identical_without_tracing(small, tmp_path, monke
     assert saved["class"] == "NPUGemma3ForConditionalGenerationConfig"
     assert saved["language_model"]["image_prefill_chunk_size"] == 4
 
-    from emulator import device
+    from npu_emulator import device
 
     def no_tracing(*a, **k):
         raise AssertionError("a kernel was traced again after loading a compiled model")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from emulator import TINY
 from gemma3.rbln_config import NPUGemma3ForCausalLMConfig, RBLNGemma3ForCausalLMConfig, strip_rbln
+from npu_emulator import TINY
 
 C = NPUGemma3ForCausalLMConfig
 

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-from emulator import NPU
 from gemma3.vision import (
     PROJECTOR_PREFIXES,
     TOWER_PREFIXES,
@@ -21,6 +20,7 @@ from gemma3.vision import (
     vision_reference,
 )
 from gemma3.weights import CheckpointError, SafetensorsFile, write_safetensors
+from npu_emulator import NPU
 from tests.gemma3.oracle import tiny_image_model
 
 TOL = 1e-4  # max |ours - transformers| / max |transformers|, fp32 numerics

@@ -1,0 +1,149 @@
+"""Host math of fast mode: bf16 / column-major weights give the same numbers as fp32 ones.
+
+The products are checked against float64 NumPy on the very values held (bf16 weights are
+bf16-rounded first), across the row count where the path changes (Numba streaming up to
+``SMALL_M`` rows, BLAS beyond), for both host layouts. The kernels' fast paths given compact
+weights must equal their fast paths given the same values in fp32; the emulated cycles must
+not depend on the host copy at all."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npu_emulator import NPU
+from npu_emulator.memory import BF16, round_bf16
+from npu_kernels import hostmath
+from npu_kernels.embedding import embedding, embedding_fast
+from npu_kernels.lm_head import lm_head, lm_head_fast
+from npu_kernels.matmul import matmul
+from npu_kernels.mlp import geglu_mlp_fast
+from npu_kernels.rope import rope_fast, rope_tables
+from tests.strategies import arrays, seeds, sizes
+
+ROWS = st.sampled_from([1, 2, 3, hostmath.SMALL_M, hostmath.SMALL_M + 1, 40])
+
+
+def held(w, dtype, layout):
+    w = w.astype(dtype)
+    return hostmath.column_major(w) if layout == "column" else np.ascontiguousarray(w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=ROWS,
+    k=sizes(max_value=300),
+    n=sizes(max_value=300),
+    dtype=st.sampled_from([np.float32, BF16]),
+    layout=st.sampled_from(["row", "column"]),
+    seed=seeds,
+)
+def test_matmul_matches_float64_on_the_values_held(m, k, n, dtype, layout, seed):
+    a = arrays((m, k), seed)
+    w = held(arrays((k, n), seed + 1), dtype, layout)
+    got = hostmath.matmul(a, w)
+    want = a.astype(np.float64) @ w.astype(np.float64)
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.sqrt(k) * max(1.0, np.abs(want).max()))
+
+
+def test_layout_helpers():
+    w = arrays((5, 7), 0)
+    c = hostmath.column_major(w, hostmath.BF16)
+    assert c.shape == (5, 7) and c.T.flags.c_contiguous and not c.flags.c_contiguous
+    assert hostmath.transposed(c) and not hostmath.transposed(w)
+    assert (c.astype(np.float32) == round_bf16(w)).all()
+
+
+def test_lm_head_with_the_tied_embedding_view_in_bf16():
+    """The LM head reading the (V, D) embedding transposed, in bf16, gives the logits and
+    argmax of the same values in fp32 (C-ordered) to fp32 rounding."""
+    emb = round_bf16(arrays((777, 48), 3))
+    x = arrays((2, 48), 4)
+    ids = np.arange(777, dtype=np.int32)
+    want, want_ids = lm_head_fast(x, np.ascontiguousarray(emb.T), ids, softcap=30.0)
+    got, got_ids = lm_head_fast(x, emb.astype(BF16).T, ids, softcap=30.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert (got_ids == want_ids).all()
+
+
+def test_embedding_and_rope_read_bf16_tables_exactly():
+    table = round_bf16(arrays((50, 12), 5))
+    ids = np.array([3, 0, 49, 3], np.int64)
+    assert (embedding_fast(ids, table.astype(BF16), scale=1.5) == embedding_fast(ids, table, scale=1.5)).all()
+    cos, sin = (round_bf16(t) for t in rope_tables(64, 8, 10_000.0))
+    x = arrays((4, 2, 8), 6)
+    pos = np.array([0, 5, 63, 5], np.int32)
+    want = rope_fast(x, cos, sin, pos)
+    assert (rope_fast(x, cos.astype(BF16), sin.astype(BF16), pos) == want).all()
+
+
+def test_geglu_mlp_with_column_major_bf16_weights():
+    x = arrays((3, 32), 7)
+    ws = [round_bf16(arrays(s, 8 + i)) for i, s in enumerate([(32, 48), (32, 48), (48, 32)])]
+    want = geglu_mlp_fast(x, *ws)
+    got = geglu_mlp_fast(x, *(hostmath.column_major(w, BF16) for w in ws))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------- the device copy
+
+
+def test_compact_copies_are_bf16_only_where_exact():
+    w = arrays((6, 10), 9)
+    fast = NPU("tiny", numerics="bf16")
+    t = fast.to_device(w, name="w", compact=True, column_major=True)
+    assert t.numpy().dtype == BF16 and t.numpy().T.flags.c_contiguous
+    assert (t.numpy().astype(np.float32) == round_bf16(w)).all()
+    # fp32 numerics keep fp32 values; tile mode keeps fp32 host copies (every check reads them).
+    for npu in (NPU("tiny", numerics="fp32"), NPU("tiny", mode="tile")):
+        d = npu.to_device(w, name="w", compact=True, column_major=True).numpy()
+        assert d.dtype == np.float32 and d.T.flags.c_contiguous
+    assert (NPU("tiny", numerics="fp32").to_device(w, compact=True).numpy() == w).all()
+    # Device copies never alias the host array, unless asked for a view of stored data.
+    w2 = w.copy()
+    t2 = fast.to_device(w2, name="w2")
+    w2[:] = 0
+    assert (t2.numpy() == round_bf16(w)).all()
+    table = fast.to_device(w, name="table", compact=True)  # C-ordered: its transpose is column-major
+    alias = fast.to_device(table.numpy().T, name="head", compact=True, column_major=True, copy=False)
+    assert np.shares_memory(alias.numpy(), table.numpy()) and alias.shape == (10, 6)
+
+
+def test_allocation_is_released_when_the_copy_fails():
+    npu = NPU("tiny")
+    used = npu.dram.used
+    with pytest.raises(ValueError):
+        npu.to_device(np.array([["x"]], dtype=object), "fp32", name="bad")
+    assert npu.dram.used == used
+    npu.to_device(np.zeros((4, 4), np.float32), name="after")  # the allocator is still usable
+
+
+def test_cycles_do_not_depend_on_the_host_copy():
+    w = arrays((64, 96), 10)
+    x = arrays((1, 64), 11)
+    reports = []
+    for compact, column in ((False, False), (True, True)):
+        npu = NPU("tiny")
+        out, rep = npu.run(matmul, x, npu.to_device(w, compact=compact, column_major=column))
+        reports.append((rep.cycles, rep.to_dict()))
+        np.testing.assert_allclose(out, round_bf16(round_bf16(x) @ round_bf16(w)), rtol=1e-2, atol=1e-2)
+    assert reports[0] == reports[1]
+    # The tied LM head as a view of the compact embedding: the same values, logits and cycles
+    # as a separate fp32 copy.
+    emb, x = arrays((40, 16), 12), arrays((1, 16), 13)
+    ids = np.arange(40, dtype=np.int32)
+    runs = []
+    for compact in (False, True):
+        npu = NPU("tiny")
+        table = npu.to_device(emb, compact=compact)
+        if compact:
+            head = npu.to_device(table.numpy().T, compact=True, column_major=True, copy=False)
+        else:
+            head = npu.to_device(np.ascontiguousarray(emb.T))
+        rows, rep_e = npu.run(embedding, np.array([1, 39], np.int32), table)
+        (logits, tok), rep_h = npu.run(lm_head, x, head, ids)
+        runs.append((rows, logits, tok, rep_e.cycles, rep_h.cycles))
+    (r0, l0, t0, *c0), (r1, l1, t1, *c1) = runs
+    assert (r0 == r1).all() and (t0 == t1).all() and c0 == c1
+    np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-5 * np.abs(l0).max())
