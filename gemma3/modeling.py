@@ -24,17 +24,18 @@ import numpy as np
 from npu_emulator import CycleReport, OperandShapeError
 from npu_emulator.errors import EmulatorError
 
-from .atomic import new_directory
+from .atomic import OwnedSave, check_complete
 from .config import Gemma3TextConfig
 from .generation import GenerateOutput, GenerationSettings, generate_loop, read_generation_config, to_dict
 from .model import Gemma3OnNPU
-from .plans import load_plans, save_plans
+from .plans import PLANS, load_plans, save_plans
 from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, strip_rbln
 from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
 COMPILED = "compiled"
 WEIGHTS = "weights.safetensors"
+MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)
 
 
 class GenerationReport:
@@ -123,6 +124,7 @@ class NPUGemma3PreTrainedModel:
             model = cls._from_checkpoint(directory, config, rbln, gen)
             model.compile()
             return model
+        check_complete(directory, MANIFEST)
         saved = cls.config_class.load(directory)
         rbln = cls.config_class.from_any(saved, **overrides)
         if rbln_config is not None:
@@ -208,16 +210,30 @@ class NPUGemma3PreTrainedModel:
             self.tokenizer.save(directory)
 
     def save_pretrained(self, save_directory):
-        """Write config, generation config, tokenizer, rbln_config.json and compiled/ atomically."""
-        target = os.path.abspath(os.fspath(save_directory))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with new_directory(target) as tmp:
+        """Write config.json, generation_config.json, the tokenizer's files, rbln_config.json,
+        ``compiled/`` (weights.safetensors, plans.json) and ``MANIFEST`` into ``save_directory``,
+        as transformers does: the directory is made if needed, files of ours from an earlier
+        save are replaced, and every other file in it is left untouched.
+
+        Ours: ``MANIFEST`` lists every file a save wrote with its size and SHA-256; a file is
+        ours while it still has the hash listed (changed by someone since, it is not). A file
+        this save must write that exists and is not ours (saving into the Hugging Face
+        checkpoint's own directory, say: its config.json) raises ``FileExistsError`` naming
+        the files, and nothing changes; so does a ``save_directory`` that is a file
+        (``NotADirectoryError``).
+
+        Everything is staged first, then renamed into place (``gemma3.atomic.OwnedSave``): an
+        error at any point leaves the earlier save as it was; a process killed while renaming
+        leaves a journal, and loading refuses that directory until a save completes."""
+        with OwnedSave(save_directory, MANIFEST) as save:
+            tmp = save.path
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self._config_json(), f, indent=2)
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(self.generation_config, f, indent=2)
             self._save_files(tmp)
             self.rbln_config.save(tmp)
+            save.check(also=[f"{COMPILED}/{WEIGHTS}", f"{COMPILED}/{PLANS}"])  # before the big write
             os.makedirs(os.path.join(tmp, COMPILED))
             tensors = {}
             for name, t in self._device_tensors().items():
