@@ -63,6 +63,14 @@ def test_padding_may_hold_any_id(text):
     )
 
 
+def test_prompt_and_new_tokens_beyond_max_seq_len(text):
+    model = text[2]
+    with pytest.raises(ValueError, match=r"prompt of 6 tokens \+ 123 new tokens exceeds max_seq_len 128"):
+        model.generate(IDS, max_new_tokens=123)
+    with pytest.raises(ValueError, match=r"prompt of 6 tokens \+ 194 new tokens exceeds max_seq_len 128"):
+        model.generate(IDS, max_length=200)  # max_length counts the prompt
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -108,6 +116,8 @@ def test_the_image_model_takes_its_image_token_and_refuses_the_rest(tmp_path, mo
     ids = np.array([[2, 5, 297, 299, 299, 299, 299, 298, 7]])
     pixels = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     assert model.generate(ids, pixel_values=pixels, max_new_tokens=2).shape == (1, 11)
+    with pytest.raises(ValueError, match=r"prompt of 9 tokens \+ 120 new tokens exceeds max_seq_len 128"):
+        model.generate(ids, pixel_values=pixels, max_new_tokens=120)
     with pytest.raises(ValueError, match=r"image count mismatch: the prompts hold 1 image\(s\)"):
         model.generate(ids, max_new_tokens=2)
     ids[0, 1] = -5

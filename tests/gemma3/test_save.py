@@ -2,6 +2,7 @@
 its own files of an earlier save, refusing others', and never leaving a mix of two saves that
 loads (gemma3.atomic.OwnedSave)."""
 
+import json
 import os
 
 import numpy as np
@@ -213,3 +214,56 @@ def test_a_save_killed_between_renames_does_not_load_and_a_new_save_recovers(mod
         ]
     )
     reload_generates(target, out["b"][1])
+
+
+def test_files_of_the_earlier_save_that_the_new_one_does_not_write_go(models, tmp_path, monkeypatch):
+    _, out = models
+    model = out["a"][0]
+    target = tmp_path / "saved"
+
+    def with_tokenizer(directory):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("{}")
+
+    monkeypatch.setattr(model, "_save_files", with_tokenizer)
+    model.save_pretrained(target)
+    (target / "tokenizer_config.json").write_text('{"mine": 1}')  # changed since: no longer ours
+    monkeypatch.undo()
+    out["b"][0].save_pretrained(target)  # writes no tokenizer
+    assert not (target / "tokenizer.json").exists()
+    assert (target / "tokenizer_config.json").read_text() == '{"mine": 1}'
+    reload_generates(target, out["b"][1])
+
+
+def test_the_image_model_saves_its_processor_files_beside_others(tmp_path):
+    from gemma3 import NPUGemma3ForConditionalGeneration
+    from tests.gemma3.oracle import tiny_image_model
+
+    src = tmp_path / "hf"
+    tiny_image_model(src)
+    (src / "preprocessor_config.json").write_text('{"image_processor_type": "Gemma3ImageProcessor"}')
+    model = NPUGemma3ForConditionalGeneration.from_pretrained(
+        src,
+        rbln_npu="tiny",
+        rbln_numerics="fp32",
+        rbln_language_model={"prefill_chunk_size": 64, "max_seq_len": 64},
+    )
+    ids = np.array([[2, 5, 297, 299, 299, 299, 299, 298, 7]])
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    want = model.generate(ids, pixel_values=pixels, max_new_tokens=4)
+    target = tmp_path / "saved"
+    target.mkdir()
+    (target / "README.md").write_text("mine")
+    model.save_pretrained(target)
+    model.save_pretrained(target)  # again, over our own files
+    assert (target / "README.md").read_text() == "mine"
+    manifest = json.loads((target / MANIFEST).read_text())["files"]
+    assert "preprocessor_config.json" in manifest and "README.md" not in manifest
+    with pytest.raises(
+        FileExistsError,
+        match=r"will not overwrite \['config.json', 'generation_config.json', 'preprocessor_config.json'\]",
+    ):
+        model.save_pretrained(src)
+    again = NPUGemma3ForConditionalGeneration.from_pretrained(target)
+    np.testing.assert_array_equal(again.generate(ids, pixel_values=pixels, max_new_tokens=4), want)
