@@ -82,7 +82,7 @@ class OwnedSave:
     of ours lists it with the hash it still has: a file someone changed after our save is no
     longer ours. A manifest (or journal) that is not ours makes its own name a collision.
 
-    Steps, each leaving the directory loadable as the earlier save or the new one:
+    Steps (after each, the directory holds the earlier save or the new one, complete):
       1. stage: the caller writes every file under ``path``, a hidden directory inside
          ``directory`` (so that each later move is one rename on one file system). An error
          removes it, and the directories this save made: nothing changed.
