@@ -123,9 +123,10 @@ def generate(args) -> int:
         )
         kwargs.pop("rbln_npu", None)
     elif args.max_seq_len:
-        kwargs["rbln_max_seq_len"] = args.max_seq_len
+        kwargs.update({f"rbln_{k}": v for k, v in _sequence_sizes(args.max_seq_len).items()})
     elif not is_compiled(args.model):
-        kwargs["rbln_max_seq_len"] = max(64, len(ids) + args.max_new_tokens)
+        sizes = _sequence_sizes(max(64, len(ids) + args.max_new_tokens))
+        kwargs.update({f"rbln_{k}": v for k, v in sizes.items()})
     model = NPUGemma3ForCausalLM.from_pretrained(args.model, **kwargs)
     print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     gen = _sampling(args)
@@ -141,6 +142,15 @@ def generate(args) -> int:
         write_sequence_trace(args.trace, reports, name="generate")
         print(f"trace written to {args.trace}: open it at https://ui.perfetto.dev")
     return 0
+
+
+def _sequence_sizes(max_seq_len: int) -> dict:
+    """``max_seq_len`` and a prefill chunk that fits in it: the default chunk, or the largest
+    multiple of 64 below a shorter ``max_seq_len`` (a chunk may not exceed it)."""
+    from .rbln_config import NPUGemma3ForCausalLMConfig
+
+    chunk = NPUGemma3ForCausalLMConfig().prefill_chunk_size
+    return {"max_seq_len": max_seq_len, "prefill_chunk_size": max(64, min(chunk, max_seq_len // 64 * 64))}
 
 
 def _sampling(args) -> dict:
@@ -192,11 +202,11 @@ def generate_with_images(args) -> int:
         kwargs["rbln_mode"] = args.mode
     compiled = is_compiled(args.model)
     if args.max_seq_len:
-        kwargs["rbln_language_model"] = {"max_seq_len": args.max_seq_len}
+        kwargs["rbln_language_model"] = _sequence_sizes(args.max_seq_len)
     elif not compiled:
-        kwargs["rbln_language_model"] = {
-            "max_seq_len": max(64, inputs["input_ids"].shape[1] + args.max_new_tokens)
-        }
+        kwargs["rbln_language_model"] = _sequence_sizes(
+            max(64, inputs["input_ids"].shape[1] + args.max_new_tokens)
+        )
     if not compiled:
         print("compiling (planning every kernel for the chip) ...", file=sys.stderr, flush=True)
     model = NPUGemma3ForConditionalGeneration.from_pretrained(args.model, **kwargs)

@@ -81,20 +81,24 @@ def compiled_default_dir(
     cache; compiled (every kernel planned, ~20 s) and saved there on first use.
 
     Sizes are rounded up to a power of two from ``DEFAULT_MAX_SEQ_LEN``, so a few compiles
-    serve every prompt length. The directory holds the device weights as the chip stores them
-    (bf16) and the plans: loading it traces nothing."""
+    serve every prompt length, and capped at the model's ``max_position_embeddings``. The
+    directory holds the device weights as the chip stores them (bf16) and the plans: loading it
+    traces nothing."""
+    from .config import Gemma3TextConfig
     from .modeling import NPUGemma3ForCausalLM, is_compiled
 
     cache = cache or cache_dir()
+    source = default_model_dir(cache, log)  # at once when converted
+    positions = Gemma3TextConfig.from_json(os.path.join(source, "config.json")).max_position_embeddings
     size = DEFAULT_MAX_SEQ_LEN
     while size < max_seq_len:
         size *= 2
+    size = min(size, max(positions, max_seq_len))  # past the positions compiling refuses, naming them
     target = os.path.join(cache, f"{MODEL_DIR_NAME}.compiled.{npu}.{size}")
     if is_compiled(target):
         return target
-    source = default_model_dir(cache, log)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"compiling the default model for {npu!r}, {size} positions, into {target} (once) ...")
     model = NPUGemma3ForCausalLM.from_pretrained(source, rbln_npu=npu, rbln_max_seq_len=size)
-    model.save_pretrained(target)  # atomic: a complete directory or none
+    model.save_pretrained(target)  # staged, then renamed into place: a complete save or none
     return target

@@ -24,17 +24,18 @@ import numpy as np
 from npu_emulator import CycleReport, OperandShapeError
 from npu_emulator.errors import EmulatorError
 
-from .atomic import new_directory
+from .atomic import OwnedSave, check_complete
 from .config import Gemma3TextConfig
 from .generation import GenerateOutput, GenerationSettings, generate_loop, read_generation_config, to_dict
 from .model import Gemma3OnNPU
-from .plans import load_plans, save_plans
+from .plans import PLANS, load_plans, save_plans
 from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, strip_rbln
 from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
 COMPILED = "compiled"
 WEIGHTS = "weights.safetensors"
+MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)
 
 
 class GenerationReport:
@@ -120,9 +121,11 @@ class NPUGemma3PreTrainedModel:
         gen = read_generation_config(directory)
         if export:
             rbln = cls.config_class.from_any(rbln_config, **overrides)
+            cls._check_sequence_sizes(config, rbln)
             model = cls._from_checkpoint(directory, config, rbln, gen)
             model.compile()
             return model
+        check_complete(directory, MANIFEST)
         saved = cls.config_class.load(directory)
         rbln = cls.config_class.from_any(saved, **overrides)
         if rbln_config is not None:
@@ -133,6 +136,7 @@ class NPUGemma3PreTrainedModel:
             raise ValueError(
                 f"{directory} was compiled with other {changed}; load it with export=True to recompile"
             )
+        cls._check_sequence_sizes(config, rbln)
         model = cls._from_compiled(directory, config, rbln, gen, read_compiled_weights(directory))
         load_plans(model.runtime.npu, os.path.join(directory, COMPILED))
         return model
@@ -140,6 +144,30 @@ class NPUGemma3PreTrainedModel:
     @classmethod
     def _read_config(cls, directory):
         raise NotImplementedError
+
+    @classmethod
+    def _text_parts(cls, config, rbln) -> tuple[Gemma3TextConfig, NPUGemma3ForCausalLMConfig, str]:
+        """The language model's config, its rbln config, and that one's name in messages."""
+        return config, rbln, ""
+
+    @classmethod
+    def _check_sequence_sizes(cls, config, rbln) -> None:
+        """``max_seq_len`` (``max_position_embeddings`` when unset) must lie between
+        ``prefill_chunk_size`` and ``max_position_embeddings``."""
+        text, lm, where = cls._text_parts(config, rbln)
+        positions, chunk = text.max_position_embeddings, lm.prefill_chunk_size
+        seq = lm.max_seq_len or positions
+        if seq > positions:
+            raise ValueError(
+                f"{where}max_seq_len {seq} exceeds max_position_embeddings {positions} (config.json): "
+                "the model has RoPE tables for, and was trained on, that many positions only"
+            )
+        if seq < chunk:
+            raise ValueError(
+                f"{where}max_seq_len {seq} is below {where}prefill_chunk_size {chunk}: a prefill chunk "
+                f"holds at most max_seq_len tokens; set prefill_chunk_size to a multiple of 64 no larger "
+                f"than {seq}, or max_seq_len to at least {chunk}"
+            )
 
     @classmethod
     def _from_checkpoint(cls, directory, config, rbln, gen):
@@ -208,16 +236,30 @@ class NPUGemma3PreTrainedModel:
             self.tokenizer.save(directory)
 
     def save_pretrained(self, save_directory):
-        """Write config, generation config, tokenizer, rbln_config.json and compiled/ atomically."""
-        target = os.path.abspath(os.fspath(save_directory))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with new_directory(target) as tmp:
+        """Write config.json, generation_config.json, the tokenizer's files, rbln_config.json,
+        ``compiled/`` (weights.safetensors, plans.json) and ``MANIFEST`` into ``save_directory``,
+        as transformers does: the directory is made if needed, files of ours from an earlier
+        save are replaced, and every other file in it is left untouched.
+
+        Ours: ``MANIFEST`` lists every file a save wrote with its size and SHA-256; a file is
+        ours while it still has the hash listed (changed by someone since, it is not). A file
+        this save must write that exists and is not ours (saving into the Hugging Face
+        checkpoint's own directory, say: its config.json) raises ``FileExistsError`` naming
+        the files, and nothing changes; so does a ``save_directory`` that is a file
+        (``NotADirectoryError``).
+
+        Everything is staged first, then renamed into place (``gemma3.atomic.OwnedSave``): an
+        error at any point leaves the earlier save as it was; a process killed while renaming
+        leaves a journal, and loading refuses that directory until a save completes."""
+        with OwnedSave(save_directory, MANIFEST) as save:
+            tmp = save.path
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self._config_json(), f, indent=2)
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump(self.generation_config, f, indent=2)
             self._save_files(tmp)
             self.rbln_config.save(tmp)
+            save.check(also=[f"{COMPILED}/{WEIGHTS}", f"{COMPILED}/{PLANS}"])  # before the big write
             os.makedirs(os.path.join(tmp, COMPILED))
             tensors = {}
             for name, t in self._device_tensors().items():
@@ -232,6 +274,58 @@ class NPUGemma3PreTrainedModel:
 
     # ------------------------------------------------------------------ generation
 
+    def _remember_compiled_config(self) -> None:
+        """Record the rbln_config the model is compiled with (the end of ``__init__``)."""
+        self._compiled_config = _config_state(self.rbln_config)
+
+    def _check_config_unchanged(self) -> None:
+        """``model.rbln_config`` edited after compiling no longer describes the model: the
+        caches, plans and chip were made for the recorded values, so refuse it, naming fields."""
+        now = _config_state(self.rbln_config)
+        was = self._compiled_config
+        changed = [
+            f"{k} was {was.get(k)!r} when compiled and is {now.get(k)!r} now"
+            for k in sorted(set(was) | set(now))
+            if was.get(k) != now.get(k)
+        ]
+        if changed:
+            raise ValueError(
+                f"model.rbln_config no longer matches what was compiled: {'; '.join(changed)}; "
+                "compile again (from_pretrained with the rbln_ settings) instead of editing rbln_config"
+            )
+
+    def _token_ids_beyond_vocab(self) -> dict[int, str]:
+        """Ids past the text vocabulary that prompts may hold, with what each is."""
+        return {}
+
+    def _check_prompts(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """Refuse, naming the sequence and the numbers: no prompt at all, a mask that is not
+        0 / 1, a sequence with no token (its mask row all zeros), a token id outside the
+        vocabulary where the mask keeps it (padding is never embedded)."""
+        if ids.size == 0:
+            raise ValueError(
+                f"input_ids is empty (shape {ids.shape}): generate needs at least one prompt token "
+                "per sequence (a bos token, say)"
+            )
+        if not np.isin(mask, (0, 1)).all():
+            b, p = np.argwhere(~np.isin(mask, (0, 1)))[0]
+            raise ValueError(f"attention_mask must hold 0 and 1 only, got {mask[b, p]} at [{b}, {p}]")
+        empty = np.flatnonzero(mask.sum(axis=1) == 0)
+        if empty.size:
+            raise ValueError(
+                f"attention_mask row(s) {empty.tolist()} are all zeros: sequence {empty[0]} has no prompt "
+                f"token (of {ids.shape[1]}) to start from"
+            )
+        vocab, extra = self.runtime.c.vocab_size, self._token_ids_beyond_vocab()
+        outside = mask.astype(bool) & ((ids < 0) | (ids >= vocab)) & ~np.isin(ids, list(extra))
+        if outside.any():
+            b, p = np.argwhere(outside)[0]
+            also = "".join(f" and is not {what} {i}" for i, what in extra.items())
+            raise ValueError(
+                f"input_ids[{b}, {p}] = {ids[b, p]} is outside the vocabulary of {vocab} tokens "
+                f"(ids 0..{vocab - 1}){also}"
+            )
+
     def _generate(self, input_ids, attention_mask, generation_config, kwargs, prepare=None, report=None):
         """``generate`` with Hugging Face semantics on ``self.runtime``.
 
@@ -239,13 +333,13 @@ class NPUGemma3PreTrainedModel:
         a function giving, when prefill starts, one dict of extra ``runtime.prefill`` arguments
         per sequence. ``report(prompt_tokens, new_tokens, timer)`` (optional) makes
         ``last_report``; the default reports prefill and decode."""
+        self._check_config_unchanged()
         streamer = kwargs.pop("streamer", None)
         kind, ids = _to_numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
-        mask = (
-            np.ones_like(ids) if attention_mask is None else _to_numpy(attention_mask)[1].reshape(ids.shape)
-        )
+        mask = np.ones_like(ids) if attention_mask is None else _attention_mask(attention_mask, ids)
+        self._check_prompts(ids, mask)
         batch = ids.shape[0]
         if batch > self.rbln_config.batch_size:
             raise ValueError(
@@ -337,6 +431,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
         self.max_seq_len = self.runtime.max_seq_len
         self.tokenizer = load_tokenizer(directory)
         self.last_report: GenerationReport | None = None
+        self._remember_compiled_config()
 
     @classmethod
     def _read_config(cls, directory) -> Gemma3TextConfig:
@@ -396,6 +491,33 @@ def is_compiled(directory) -> bool:
     return os.path.exists(os.path.join(directory, CONFIG_NAME)) and os.path.exists(
         os.path.join(directory, COMPILED, WEIGHTS)
     )
+
+
+def _config_state(rbln) -> dict:
+    """Every field of an rbln config as ``{name: value}``, sub-configs' and the chip's
+    (described in full: a preset's name and its NPUConfig are one chip) as ``part.field``."""
+    d = rbln.to_dict()
+    d["npu"] = rbln.npu_config.to_dict()
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", d)
+    return flat
+
+
+def _attention_mask(mask, ids: np.ndarray) -> np.ndarray:
+    m = _to_numpy(mask)[1]
+    if m.shape != ids.shape and m.size == ids.size and m.ndim == 1:
+        m = m.reshape(ids.shape)  # a single prompt's mask, as its input_ids
+    if m.shape != ids.shape:
+        raise ValueError(f"attention_mask {m.shape} must have the shape of input_ids {ids.shape}")
+    return m
 
 
 def _to_numpy(x):

@@ -174,12 +174,17 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         self.max_seq_len = self.runtime.max_seq_len
         self.tokenizer = load_tokenizer(directory)
         self.last_report: MultimodalGenerationReport | None = None
+        self._remember_compiled_config()
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def _read_config(cls, directory) -> Gemma3ImageTextConfig:
         return Gemma3ImageTextConfig.from_json(os.path.join(directory, "config.json"))
+
+    @classmethod
+    def _text_parts(cls, config, rbln):
+        return config.text, rbln.language_model, "language_model."
 
     @classmethod
     def _from_checkpoint(cls, directory, config, rbln, gen):
@@ -227,6 +232,9 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
                 shutil.copyfile(src, os.path.join(directory, name))
 
     # ------------------------------------------------------------------ generation
+
+    def _token_ids_beyond_vocab(self) -> dict[int, str]:
+        return {self.config.image_token_id: "the image token"}  # its rows are an image's features
 
     def generate(
         self,

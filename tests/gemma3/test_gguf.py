@@ -251,7 +251,9 @@ def test_tiny_gguf_converts_to_a_directory_our_model_loads(tiny_gguf, tmp_path):
     np.testing.assert_array_equal(
         ckpt.float32("model.layers.0.self_attn.o_proj.weight"), g.float32("blk.0.attn_output.weight")
     )
-    model = NPUGemma3ForCausalLM.from_pretrained(out, rbln_max_seq_len=64, rbln_numerics="fp32")
+    model = NPUGemma3ForCausalLM.from_pretrained(
+        out, rbln_max_seq_len=64, rbln_prefill_chunk_size=64, rbln_numerics="fp32"
+    )
     ids = model.tokenizer.encode("the capital is")
     assert ids[0] == 2 and len(model.generate([ids], max_new_tokens=3, eos_token_id=[])[0]) == len(ids) + 3
 
@@ -315,7 +317,9 @@ def test_tiny_model_matches_transformers_reading_the_same_gguf(tmp_path, quant):
     for key in ("layer_types", "head_dim", "query_pre_attn_scalar", "sliding_window", "rms_norm_eps"):
         assert getattr(hf.config, key) == getattr(ours.config, key), key
     ids = np.array([[2, 281, 283, 270, 290, 8, 9, 280, 279, 270, 272, 286]])
-    npu = NPUGemma3ForCausalLM.from_pretrained(out, rbln_max_seq_len=64, rbln_numerics="fp32")
+    npu = NPUGemma3ForCausalLM.from_pretrained(
+        out, rbln_max_seq_len=64, rbln_prefill_chunk_size=64, rbln_numerics="fp32"
+    )
     got = npu.generate(ids, max_new_tokens=10, eos_token_id=[])
     with torch.no_grad():
         want = hf.eval().generate(
