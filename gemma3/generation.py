@@ -1,7 +1,8 @@
-"""Generation with Hugging Face semantics: settings, logits warpers, the decoding loop.
+"""Generation with Hugging Face semantics: settings, logits processors and warpers, the decoding loop.
 
-Settings come from ``generation_config.json`` first, then the model config (bos/eos/pad ids),
-then the ``generation_config`` argument, then keyword arguments, as ``transformers`` does.
+Settings come from the model config (bos/eos/pad ids), then ``generation_config.json``, then the
+``generation_config`` argument, then keyword arguments, as ``transformers`` does. An option that
+would change the tokens and is not implemented here raises NotImplementedError (``NOT_IMPLEMENTED``).
 The loop is model-agnostic: it calls ``prefill(input_ids, attention_mask) -> (B, V) logits of
 the last position`` once and ``decode(tokens (B,)) -> (B, V) logits`` per new token.
 """
@@ -151,7 +152,13 @@ class GenerationSettings:
         for k, v in merged.items():
             if k in NOT_IMPLEMENTED:
                 acts, what, off = NOT_IMPLEMENTED[k]
-                if acts(v, merged):
+                try:
+                    active = acts(v, merged)
+                except TypeError:
+                    raise ValueError(
+                        f"generate: {k}={_short(v)} (from {origin[k]}) is not a valid value"
+                    ) from None
+                if active:
                     raise NotImplementedError(
                         f"generate: {k}={_short(v)} (from {origin[k]}) asks for {what}, which is not "
                         f"implemented here; set {k}={off} or remove it"

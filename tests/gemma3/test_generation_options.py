@@ -27,6 +27,7 @@ from gemma3.generation import (
     warp,
 )
 from tests.gemma3.oracle import tiny_model
+from tests.gemma3.test_multimodal import small, small_inputs, tok_dir  # noqa: F401 (fixtures)
 
 torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
 transformers = pytest.importorskip("transformers", reason="the oracle extra is not installed")
@@ -226,14 +227,19 @@ GREEDY_OPTIONS = {
 }
 
 
+@pytest.fixture(scope="module")
+def plain(models):
+    """Our plain greedy sequences (2, WIDTH + NEW)."""
+    return ours(models[1])
+
+
 @pytest.mark.parametrize("name", list(GREEDY_OPTIONS))
-def test_greedy_options_match_transformers_generate(models, name):
+def test_greedy_options_match_transformers_generate(models, plain, name):
     hf, model, _ = models
-    plain = ours(model)
     options = GREEDY_OPTIONS[name](plain[:, WIDTH:])
     got = ours(model, **options)
     np.testing.assert_array_equal(got, theirs(hf, do_sample=False, **options))
-    baseline = ours(model, **{k: v for k, v in options.items() if k == "eos_token_id"})
+    baseline = ours(model, eos_token_id=options["eos_token_id"]) if "eos_token_id" in options else plain
     assert differs(got, baseline), f"{name}: {options} does not change the greedy output"
 
 
@@ -279,6 +285,19 @@ def test_scores_renormalised_and_invalid_values_removed_as_transformers(models):
         np.testing.assert_allclose(mine[:, rest], their[:, rest], atol=1e-4 * np.abs(their[:, rest]).max())
 
 
+@pytest.mark.slow  # compiles an image+text model; its generate loop is the text model's, tested above
+def test_options_with_image_tokens_in_the_prompt_match_transformers(request):
+    """The image+text model: the prompt's image tokens count for the repetition penalty and the n-grams."""
+    _, hf, model, processor = request.getfixturevalue("small")  # test_multimodal.py's compiled tiny model
+    inputs = small_inputs(processor)
+    pt = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    options = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, max_new_tokens=NEW, pad_token_id=0)
+    got = model.generate(**inputs, **options)
+    with torch.no_grad():
+        np.testing.assert_array_equal(got, hf.generate(**pt, do_sample=False, **options).numpy())
+    assert differs(got, model.generate(**inputs, max_new_tokens=NEW, pad_token_id=0))
+
+
 SAMPLING_OPTIONS = [
     {"temperature": 0.8, "top_k": 20, "top_p": 0.9},
     {"min_p": 0.1, "top_k": 0},
@@ -288,14 +307,14 @@ SAMPLING_OPTIONS = [
 
 
 @pytest.mark.parametrize("options", SAMPLING_OPTIONS)
-def test_sampling_matches_transformers_under_torch_manual_seed(models, options):
+def test_sampling_matches_transformers_under_torch_manual_seed(models, plain, options):
     """torch inputs, no seed: we draw from torch's global generator exactly as transformers does."""
     hf, model, _ = models
     torch.manual_seed(3)
     got = ours(model, as_torch=True, do_sample=True, **options)
     torch.manual_seed(3)
     np.testing.assert_array_equal(got, theirs(hf, do_sample=True, **options))
-    assert differs(got, ours(model))
+    assert differs(got, plain)
 
 
 def test_torch_manual_seed_and_seed_make_sampling_repeatable(models):
@@ -380,6 +399,8 @@ def test_sampling_only_and_contrastive_options_are_inert_when_greedy():
         NotImplementedError, match=r"penalty_alpha=0.6 \(from source 0\) asks for contrastive"
     ):
         GenerationSettings.merge({"penalty_alpha": 0.6})  # top_k defaults to 50, as in transformers
+    with pytest.raises(ValueError, match=r"num_beams='4' \(from source 0\) is not a valid value"):
+        GenerationSettings.merge({"num_beams": "4"})
 
 
 def test_refusals_from_a_keyword_a_generation_config_and_generation_config_json(models, tmp_path):
