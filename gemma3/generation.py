@@ -137,11 +137,15 @@ class GenerationSettings:
     output_scores: bool = False
 
     @classmethod
-    def merge(cls, *sources: dict | None, names: tuple[str, ...] | None = None) -> GenerationSettings:
-        """Later sources override earlier ones; a None value leaves the option unset. ``names`` label the
-        sources in errors. An option of ``NOT_IMPLEMENTED`` whose value acts raises NotImplementedError naming
-        it, its value and its source; other keys outside this class are ignored, as transformers keeps them on
-        the GenerationConfig without using them (``generate`` refuses unknown keywords itself)."""
+    def merge(
+        cls, *sources: dict | None, names: tuple[str, ...] | None = None, none_turns_off: tuple[str, ...] = ()
+    ) -> GenerationSettings:
+        """Later sources override earlier ones; a None value leaves the option as it was, except in the sources
+        named in ``none_turns_off`` (keywords: transformers sets them on its GenerationConfig as given, so
+        ``top_k=None`` turns top-k off whatever generation_config.json says). ``names`` label the sources in
+        errors. An option of ``NOT_IMPLEMENTED`` whose value acts raises NotImplementedError naming it, its
+        value and its source; other keys outside this class are ignored, as transformers keeps them on the
+        GenerationConfig without using them (``generate`` refuses unknown keywords itself)."""
         names = names or tuple(f"source {i}" for i in range(len(sources)))
         merged: dict = {}
         origin: dict = {}
@@ -149,6 +153,11 @@ class GenerationSettings:
             for k, v in (s or {}).items():
                 if v is not None:
                     merged[k], origin[k] = v, name
+                elif name in none_turns_off:
+                    # Off is this class's default for every option but top_k, where None is off.
+                    merged.pop(k, None)
+                    if k == "top_k":
+                        merged[k], origin[k] = None, name
         for k, v in merged.items():
             if k in NOT_IMPLEMENTED:
                 acts, what, off = NOT_IMPLEMENTED[k]

@@ -271,6 +271,7 @@ class NPUGemma3PreTrainedModel:
             to_dict(generation_config),
             kwargs,
             names=("config.json", "generation_config.json", "the generation_config argument", "a keyword"),
+            none_turns_off=("a keyword",),
         )
         unknown = set(kwargs) - set(GenerationSettings.__dataclass_fields__) - set(NOT_IMPLEMENTED) - INERT
         if unknown:

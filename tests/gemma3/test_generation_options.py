@@ -331,6 +331,28 @@ def test_torch_manual_seed_and_seed_make_sampling_repeatable(models):
     assert differs(seeded, ours(model, do_sample=True, top_k=0, seed=12))
 
 
+def test_a_keyword_set_to_none_turns_the_option_off_as_in_transformers(models):
+    """transformers sets generate's keywords on its GenerationConfig as given: None is off, not unset."""
+    hf, model, _ = models
+    released = {"do_sample": True, "top_k": 3, "temperature": 0.5, "eos_token_id": [1, 106], "min_p": 0.2}
+    s = GenerationSettings.merge(
+        released,
+        {"top_k": None, "temperature": None, "eos_token_id": None, "min_p": None},
+        names=("generation_config.json", "a keyword"),
+        none_turns_off=("a keyword",),
+    )
+    assert (s.do_sample, s.top_k, s.temperature, s.eos_token_id, s.min_p) == (True, None, 1.0, [], None)
+    kept = GenerationSettings.merge(released, {"top_k": None, "temperature": None})
+    assert (kept.top_k, kept.temperature) == (3, 0.5)
+    # Through generate, against transformers: top_k=None samples from the whole vocabulary, not the top 50.
+    torch.manual_seed(0)
+    got = ours(model, as_torch=True, do_sample=True, top_k=None)
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(got, theirs(hf, do_sample=True, top_k=None))
+    torch.manual_seed(0)
+    assert differs(got, ours(model, as_torch=True, do_sample=True))
+
+
 # ---------------------------------------------------------------- what we do not implement raises
 
 
