@@ -26,7 +26,16 @@ from npu_emulator.errors import EmulatorError
 
 from .atomic import OwnedSave, check_complete
 from .config import Gemma3TextConfig
-from .generation import GenerateOutput, GenerationSettings, generate_loop, read_generation_config, to_dict
+from .generation import (
+    INERT,
+    NOT_IMPLEMENTED,
+    GenerateOutput,
+    GenerationSettings,
+    generate_loop,
+    read_generation_config,
+    to_dict,
+    torch_sampler,
+)
 from .model import Gemma3OnNPU
 from .plans import PLANS, load_plans, save_plans
 from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, strip_rbln
@@ -332,7 +341,11 @@ class NPUGemma3PreTrainedModel:
         ``prepare(ids, mask)`` (optional) checks extra inputs before anything runs and returns
         a function giving, when prefill starts, one dict of extra ``runtime.prefill`` arguments
         per sequence. ``report(prompt_tokens, new_tokens, timer)`` (optional) makes
-        ``last_report``; the default reports prefill and decode."""
+        ``last_report``; the default reports prefill and decode. Options come from the model config (special
+        ids), ``generation_config.json``, ``generation_config``, then keywords; one that changes the tokens and
+        is not implemented (``NOT_IMPLEMENTED`` in ``generation.py``) raises NotImplementedError naming it.
+        Sampling with torch inputs and no ``seed`` draws from torch's global generator, otherwise from
+        ``np.random.default_rng(seed)``."""
         self._check_config_unchanged()
         streamer = kwargs.pop("streamer", None)
         kind, ids = _to_numpy(input_ids)
@@ -347,9 +360,14 @@ class NPUGemma3PreTrainedModel:
             )
         model_ids = {k: getattr(self.config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
         settings = GenerationSettings.merge(
-            model_ids, self.generation_config, to_dict(generation_config), kwargs
+            model_ids,
+            self.generation_config,
+            to_dict(generation_config),
+            kwargs,
+            names=("config.json", "generation_config.json", "the generation_config argument", "a keyword"),
+            none_turns_off=("a keyword",),
         )
-        unknown = set(kwargs) - set(GenerationSettings.__dataclass_fields__)
+        unknown = set(kwargs) - set(GenerationSettings.__dataclass_fields__) - set(NOT_IMPLEMENTED) - INERT
         if unknown:
             raise TypeError(f"generate: unexpected keyword argument(s) {sorted(unknown)}")
         lengths = mask.sum(axis=1)
@@ -384,7 +402,8 @@ class NPUGemma3PreTrainedModel:
             timer["steps"] += 1
             return logits
 
-        sequences, raw_logits, scores = generate_loop(prefill, decode, ids, mask, settings, streamer)
+        sample = torch_sampler() if kind == "torch" and settings.seed is None else None
+        sequences, raw_logits, scores = generate_loop(prefill, decode, ids, mask, settings, streamer, sample)
         prompt_tokens, new_tokens = int(lengths.sum()), timer["steps"] * batch
         if report is not None:
             self.last_report = report(prompt_tokens, new_tokens, timer)
