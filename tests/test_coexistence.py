@@ -81,9 +81,7 @@ def check(result: dict):
 
 
 def run_script(cwd) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
