@@ -373,14 +373,15 @@ def warp(logits: np.ndarray, s: GenerationSettings) -> np.ndarray:
         kth = np.partition(x, -s.top_k, axis=-1)[:, -s.top_k][:, None]
         x[x < kth] = -np.inf
     if s.top_p < 1.0:
-        order = np.argsort(x, axis=-1, kind="stable")  # ascending, as transformers sorts
-        sorted_x = np.take_along_axis(x, order, axis=-1)
-        probs = _softmax(sorted_x)
-        cum = np.cumsum(probs, axis=-1)
-        remove = cum <= (1 - s.top_p)
-        remove[:, -1] = False  # keep at least one token
-        rows = np.arange(x.shape[0])[:, None]
-        x[rows, order] = np.where(remove, -np.inf, sorted_x)
+        for row in x:
+            # Only the tokens still in play are sorted (top-k leaves 64 of 262 144): removed ones
+            # have probability 0 and would sit first in the ascending order, adding nothing.
+            live = np.flatnonzero(row > -np.inf)
+            order = live[np.argsort(row[live], kind="stable")]  # ascending, as transformers sorts
+            cum = np.cumsum(_softmax(row[order]))
+            remove = cum <= (1 - s.top_p)
+            remove[-1] = False  # keep at least one token
+            row[order[remove]] = -np.inf
     if s.min_p is not None:
         # Applied after temperature, as transformers (and llama.cpp) do: the threshold scales with the top token.
         probs = _softmax(x)
