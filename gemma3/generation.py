@@ -363,6 +363,15 @@ def process(
 # ---------------------------------------------------------------- logits warpers (as transformers)
 
 
+def padding_mask(ids: np.ndarray, pad_token_id: int | None, eos_token_id: list[int]) -> np.ndarray:
+    """The attention mask ``generate`` assumes when none is given, as transformers infers it: 0 where
+    ``ids`` hold the pad token, if the pad token occurs and is not also an end-of-sequence token;
+    otherwise all ones. (batch, seq) int64."""
+    if pad_token_id is None or pad_token_id in eos_token_id or not (ids == pad_token_id).any():
+        return np.ones_like(ids)
+    return (ids != pad_token_id).astype(np.int64)
+
+
 def warp(logits: np.ndarray, s: GenerationSettings) -> np.ndarray:
     """Temperature, then top-k, top-p, min-p and typical-p, on (B, V) float logits; removed entries -> -inf.
     These act only when sampling, as in transformers."""

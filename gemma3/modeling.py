@@ -32,6 +32,7 @@ from .generation import (
     GenerateOutput,
     GenerationSettings,
     generate_loop,
+    padding_mask,
     read_generation_config,
     to_dict,
     torch_sampler,
@@ -351,13 +352,6 @@ class NPUGemma3PreTrainedModel:
         kind, ids = _to_numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
-        mask = np.ones_like(ids) if attention_mask is None else _attention_mask(attention_mask, ids)
-        self._check_prompts(ids, mask)
-        batch = ids.shape[0]
-        if batch > self.rbln_config.batch_size:
-            raise ValueError(
-                f"batch of {batch} sequences exceeds the compiled batch_size {self.rbln_config.batch_size}"
-            )
         model_ids = {k: getattr(self.config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
         settings = GenerationSettings.merge(
             model_ids,
@@ -370,6 +364,16 @@ class NPUGemma3PreTrainedModel:
         unknown = set(kwargs) - set(GenerationSettings.__dataclass_fields__) - set(NOT_IMPLEMENTED) - INERT
         if unknown:
             raise TypeError(f"generate: unexpected keyword argument(s) {sorted(unknown)}")
+        if attention_mask is None:
+            mask = padding_mask(ids, settings.pad_token_id, settings.eos_token_id)
+        else:
+            mask = _attention_mask(attention_mask, ids)
+        self._check_prompts(ids, mask)
+        batch = ids.shape[0]
+        if batch > self.rbln_config.batch_size:
+            raise ValueError(
+                f"batch of {batch} sequences exceeds the compiled batch_size {self.rbln_config.batch_size}"
+            )
         lengths = mask.sum(axis=1)
         n_new = settings.new_tokens(ids.shape[1])
         if int(lengths.max()) + n_new > self.max_seq_len:

@@ -229,3 +229,25 @@ def test_any_max_seq_len_and_windows_longer_than_it(tmp_path, max_seq_len):
     check_parity(
         tmp_path, [prompt(40)], {"sliding_window": 64}, new=max_seq_len - 40, rbln_max_seq_len=max_seq_len
     )
+
+
+def test_without_a_mask_padding_is_inferred_from_the_pad_token_as_transformers_does(tmp_path):
+    hf = tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **{**RBLN, "rbln_batch_size": 2})
+    ids = np.zeros((2, 20), np.int64)  # pad_token_id 0, left padding
+    ids[0] = prompt(20)
+    ids[1, 8:] = prompt(12, seed=1)
+    ours = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    with torch.no_grad():
+        ref = hf.generate(torch.from_numpy(ids), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    np.testing.assert_array_equal(ours, ref.numpy())
+    # The padded row differs from what attending to its pad tokens gives.
+    unmasked = model.generate(ids, attention_mask=np.ones_like(ids), max_new_tokens=8, eos_token_id=[])
+    assert not np.array_equal(unmasked[1], ours[1])
+    # A pad token that is also an end-of-sequence token is not padding: all ones, as transformers.
+    same = model.generate(ids, max_new_tokens=8, eos_token_id=[0], pad_token_id=0)
+    np.testing.assert_array_equal(same[:, :20], ids)
+    np.testing.assert_array_equal(
+        same[1, 20:],
+        model.generate(ids[1:], attention_mask=np.ones((1, 20)), max_new_tokens=8, eos_token_id=[0])[0, 20:],
+    )
