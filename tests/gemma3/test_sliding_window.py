@@ -150,21 +150,20 @@ def test_decode_reads_the_ring_in_whole_tiles(tmp_path):
 
 # ----------------------------------------------------------------------------- images
 
-# name -> (window, vision config, mm_tokens_per_image, prompt texts, images per text)
-MM16 = dict(image_size=28, patch_size=7, hidden_size=48, num_attention_heads=3)  # 16 tokens an image
+# name -> (window, npu, prompt texts, images per text); 16 soft tokens an image, more than windows
+# 1, 3 and 5; the long texts wrap the ring (8 to 104 slots on tiny, 64 on atom) three times or
+# more, before, between and after the images.
+MM16 = dict(image_size=28, patch_size=7, hidden_size=48, num_attention_heads=3)  # 4 x 4 patches
+TWO_IMAGES = f"{LONG_TEXT} {BOI} {LONG_TEXT} {BOI} What now?"
+THREE_TEXTS = f"{LONG_TEXT} {BOI} {LONG_TEXT} {BOI} {LONG_TEXT} Why?"
 IMAGE = {
-    "window-1": (1, MM16, 16, [f"Look: {BOI} and {BOI} Hello world! How are you today?"], [2]),
-    "window-3": (3, MM16, 16, [f"{LONG_TEXT} {BOI} What is it?"], [1]),
-    "window-5-batch-of-two": (
-        5,
-        MM16,
-        16,
-        [f"One {BOI} here.", f"Two {BOI} and {BOI} there, please."],
-        [1, 2],
-    ),
-    "window-63": (63, MM16, 16, [f"{LONG_TEXT} {BOI} {LONG_TEXT} {BOI} What now?"], [2]),
-    "window-65": (65, MM16, 16, [f"{LONG_TEXT} {BOI} {LONG_TEXT} {BOI} {LONG_TEXT} Why?"], [2]),
-    "window-100": (100, MM16, 16, [f"{LONG_TEXT} {BOI} {LONG_TEXT} {BOI} {LONG_TEXT} Why?"], [2]),
+    "window-1": (1, "tiny", [f"Look: {BOI} and {BOI} Hello world! How are you today?"], [2]),
+    "window-3": (3, "tiny", [f"{LONG_TEXT} {BOI} What is it?"], [1]),
+    "window-5-batch-of-two": (5, "tiny", [f"One {BOI} here.", f"Two {BOI} and {BOI} there, please."], [1, 2]),
+    "window-5-on-atom": (5, "atom", [TWO_IMAGES], [2]),
+    "window-63": (63, "tiny", [TWO_IMAGES], [2]),
+    "window-65": (65, "tiny", [THREE_TEXTS], [2]),
+    "window-100": (100, "tiny", [THREE_TEXTS], [2]),
 }
 
 
@@ -196,14 +195,14 @@ def image_oracle_logits(hf, inputs, sequences, new):
 
 @pytest.mark.parametrize("name", list(IMAGE))
 def test_images_longer_than_the_window_match_transformers(tmp_path, tok_dir, name):
-    window, vision, tokens, texts, counts = IMAGE[name]
-    new = 16
-    hf = build(tmp_path, tok_dir, vision, tokens, dict(sliding_window=window, **SLIDING))
+    window, npu, texts, counts = IMAGE[name]
+    new, tokens = 16, 16
+    hf = build(tmp_path, tok_dir, MM16, tokens, dict(sliding_window=window, **SLIDING))
     processor = Gemma3Processor.from_pretrained(tmp_path)
     inputs = processor(images=images(counts), text=texts, return_tensors="np")
     model = NPUGemma3ForConditionalGeneration.from_pretrained(
         tmp_path,
-        rbln_npu="tiny",
+        rbln_npu=npu,
         rbln_numerics="fp32",
         rbln_language_model={"prefill_chunk_size": 64, "max_seq_len": 512},
         rbln_batch_size=len(texts),
@@ -223,5 +222,22 @@ def test_images_longer_than_the_window_match_transformers(tmp_path, tok_dir, nam
     np.testing.assert_array_equal(out.sequences, ref.numpy())
     close(out.logits, image_oracle_logits(hf, inputs, out.sequences, new))
     assert model.last_report.image_tokens == sum(counts) * tokens
-    ring = model.runtime.caches[0][0].shape[2]
-    assert ring == -(-window // 8) * 8 and inputs["attention_mask"].sum(axis=1).max() + new > 3 * ring
+    ring, tile = model.runtime.caches[0][0].shape[2], decode_kv_tile(model.runtime.npu.config)
+    assert ring == -(-window // tile) * tile and inputs["attention_mask"].sum(axis=1).max() + new > 3 * ring
+
+
+def test_tile_mode_agrees_with_fast_mode_on_a_wrapped_ring(tmp_path):
+    """Every kernel of a window-3 model checked instruction by instruction (tile mode): the
+    ring of 8 slots wrapped in prefill and decode, same tokens and cycles as fast mode."""
+    tiny_model(tmp_path, sliding_window=3, num_hidden_layers=1, layer_types=["sliding_attention"])
+    ids = prompt(20)[None]
+    outs, reports = [], []
+    for mode in ("fast", "tile"):
+        model = NPUGemma3ForCausalLM.from_pretrained(
+            tmp_path, rbln_npu="tiny", rbln_mode=mode, rbln_prefill_chunk_size=64, rbln_max_seq_len=64
+        )
+        outs.append(model.generate(ids, max_new_tokens=6))
+        reports.append(model.last_report)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert reports[0].prefill.cycles == reports[1].prefill.cycles
+    assert reports[0].decode.cycles == reports[1].decode.cycles
