@@ -6,7 +6,14 @@ matrix; the tied embedding twice: (vocab, hidden) for the lookup and (hidden, vo
 LM head), RoPE tables per layer type, and the KV caches:
 
     global layers:  (batch, kv_heads, max_seq_len, head_dim), slot = position
-    sliding layers: (batch, kv_heads, sliding_window, head_dim), slot = position % window
+    sliding layers: (batch, kv_heads, ring, head_dim), slot = position % ring
+
+Caches hold whole decode KV tiles (``decode_kv_tile``: the decode kernel reads whole tiles):
+max_seq_len and the ring are rounded up to them, ring = ceil(sliding_window / tile) * tile,
+so any positive sliding_window works. The ring's slots past the window hold the positions just
+before it, which every mask hides. A sliding layer whose ring would be no smaller than the
+global cache (a window near or past max_seq_len) keeps every position as a global layer does,
+and its masks keep the window.
 
 Prefill runs one sequence at a time, in chunks of ``prefill_chunk_size`` tokens (the last one
 padded to the full chunk: shapes are static as on the real NPU), and computes logits for the
@@ -19,10 +26,9 @@ prompt is cut into text chunks of ``prefill_chunk_size`` and, for each image, on
 rows exactly covering its soft tokens: those rows are the features themselves (no embedding
 lookup), and the attention kernel gets the image as an ``image_blocks`` range, so its tokens see
 each other both ways (and the text before them causally) on every layer. On sliding layers
-transformers also keeps the window there (``AND(window, OR(causal, block))``); the kernel's
-``OR`` agrees with it while T <= sliding_window (true of every released Gemma3: 256 tokens, a
-window of 512 or more), and a model where it does not is refused. Chunks holding an image cost
-under the phase "image prefill", text chunks under "prefill".
+the window bounds that too, as in transformers (``AND(window, OR(causal, block))``): an image
+longer than the window sees, from each of its tokens, its later tokens and the window before.
+Chunks holding an image cost under the phase "image prefill", text chunks under "prefill".
 """
 
 from __future__ import annotations
@@ -94,16 +100,13 @@ class Gemma3OnNPU:
             )
         self.window = config.sliding_window
         self.kv_tile = decode_kv_tile(self.npu.config)
-        if self.window < self.max_seq_len and self.window % self.kv_tile:
-            raise NotImplementedError(
-                f"sliding_window {config.sliding_window} is not a multiple of the decode KV tile "
-                f"{self.kv_tile} of {self.npu.config.name!r}: the ring buffer must hold whole tiles"
-            )
-        # Global caches hold whole KV tiles: slots past max_seq_len are never visible.
-        global_slots = math.ceil(self.max_seq_len / self.kv_tile) * self.kv_tile
+        # Caches hold whole KV tiles (module docstring): global slots past max_seq_len are never
+        # visible, ring slots past the window hold positions before it, hidden by the masks.
+        self.global_slots = math.ceil(self.max_seq_len / self.kv_tile) * self.kv_tile
+        self.ring_slots = math.ceil(self.window / self.kv_tile) * self.kv_tile
         self.caches = []
         for i in range(config.num_hidden_layers):
-            slots = self.window if self.ring(i) else global_slots
+            slots = self.ring_slots if self.ring(i) else self.global_slots
             shape = (rbln.batch_size, config.num_key_value_heads, slots, config.head_dim)
             zeros = np.zeros(shape, np.float32)
             self.caches.append(
@@ -113,9 +116,10 @@ class Gemma3OnNPU:
         self.cost = {"prefill": PhaseCost(), IMAGE_PREFILL: PhaseCost(), "decode": PhaseCost()}
 
     def ring(self, layer: int) -> bool:
-        """Whether a layer's cache is a ring buffer of ``sliding_window`` slots (a sliding layer
-        of a model compiled for more positions than the window) or holds every position."""
-        return self.c.is_sliding(layer) and self.window < self.max_seq_len
+        """Whether a layer's cache is a ring buffer of ``ring_slots`` (the window in whole KV
+        tiles: a sliding layer whose ring is smaller than the global cache) or holds every
+        position."""
+        return self.c.is_sliding(layer) and self.ring_slots < self.global_slots
 
     # ------------------------------------------------------------------ device layout
 
@@ -203,8 +207,8 @@ class Gemma3OnNPU:
         """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T)."""
         c = self.c
         k_cache, v_cache = self.caches[i]
-        slots = positions % self.window if self.ring(i) else positions  # (B', T)
         hkv, s = c.num_key_value_heads, k_cache.shape[2]
+        slots = positions % s if self.ring(i) else positions  # (B', T)
         seq = np.arange(b0, b0 + k.shape[0])[:, None, None]
         rows = ((seq * hkv + np.arange(hkv)[None, None, :]) * s + slots[:, :, None]).astype(
             np.int32
@@ -287,16 +291,8 @@ class Gemma3OnNPU:
         return size
 
     def check_image_chunk(self) -> None:
-        """Refuse an image chunk the attention kernel would mask differently from transformers
-        (module docstring): longer than the sliding window on a model with sliding layers."""
-        size, c = self.image_chunk, self.c
-        if SLIDING in c.layer_types and size > self.window:
-            raise NotImplementedError(
-                f"image_prefill_chunk_size {size} (mm_tokens_per_image) exceeds sliding_window "
-                f"{self.window}: transformers limits an image's bidirectional attention by the window "
-                "on sliding layers, which the attention kernel's image blocks do not; supported when "
-                "mm_tokens_per_image <= sliding_window (as in every released Gemma3)"
-            )
+        """Refuse an image chunk that does not fit the compiled sequence."""
+        size = self.image_chunk
         if size > self.max_seq_len:
             raise ValueError(f"an image's {size} tokens exceed max_seq_len {self.max_seq_len}")
 
@@ -347,8 +343,10 @@ class Gemma3OnNPU:
             length = min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
             j = np.arange(length)[None, :]
             if self.ring(i):
-                # Ring slot j holds position p = pos - ((pos - j) mod window); valid once written.
-                visible = (pos[:, None] - ((pos[:, None] - j) % self.window)) >= 0
+                # Ring slot j holds position p = pos - ((pos - j) mod slots): valid once written,
+                # visible within the window (slots past the window hold older positions).
+                held = pos[:, None] - ((pos[:, None] - j) % slots)
+                visible = (held >= 0) & (held > pos[:, None] - self.window)
             else:  # slot = position; a sliding layer still sees only the window
                 visible = j <= pos[:, None]
                 if c.is_sliding(i):

@@ -8,36 +8,41 @@ IO (DRAM, device dtype, bf16 by default; all five inputs share one dtype):
 * k_new, v_new (T, Hkv, hd)     keys / values of those same positions (the chunk sees itself)
 * k_cache, v_cache (B, Hkv, S, hd)  entry ``batch`` holds earlier positions:
   ``ring=False`` (global layer): position p in slot p, valid 0 <= p < q_start (q_start <= S);
-  ``ring=True`` (sliding layer, S == window): position p in slot p % S, valid
-  max(0, q_start - S) <= p < q_start. The kernel only reads; the model writes the chunk into
-  the cache afterwards with another kernel.
+  ``ring=True`` (sliding layer, S >= window): position p in slot p % S, valid
+  max(0, q_start - S) <= p < q_start. A ring may hold more slots than the window (a model
+  rounds it up to whole decode KV tiles): the extra slots hold the positions just before the
+  window, which the mask hides and the kernel never reads. The kernel only reads; the model
+  writes the chunk into the cache afterwards with another kernel.
 * out          (T, Hq, hd)      device dtype.
 
-Compile-time constants: q_start, scale (> 0), window (None: global), ring, batch,
-image_blocks (tuple of absolute [start, end) ranges whose tokens see each other both ways).
-GQA / MQA: Hq = G * Hkv, query head h reads kv head h // G.
+Compile-time constants: q_start, scale (> 0), window (None: global; any positive int), ring,
+batch, image_blocks (tuple of absolute [start, end) ranges whose tokens see each other both
+ways). GQA / MQA: Hq = G * Hkv, query head h reads kv head h // G.
 
-Visibility of key position kp from query position qp::
+Visibility of key position kp from query position qp (transformers' Gemma3 masks: global
+layers ``OR(causal, block)``, sliding layers ``AND(window, OR(causal, block))``)::
 
-    (kp <= qp and (window is None or kp > qp - window)) or (qp, kp in one image block)
+    (kp <= qp or (qp, kp in one image block)) and (window is None or kp > qp - window)
 
-over the keys that exist: the valid cache entries and the chunk. An image block that begins
-inside the chunk must end inside it (its queries would need keys not computed yet), and the
-keys a query needs must still be in a ring cache (S >= window - 1); both raise KernelError.
+over the keys that exist: the valid cache entries and the chunk. The window bounds an image's
+own keys too: an image longer than the window sees, from its query qp, only its keys past
+qp - window (and all its later ones). An image block that begins inside the chunk must end
+inside it (its queries would need keys not computed yet), and the keys a query needs must
+still be in a ring cache (S >= window - 1); both raise KernelError.
 
-Masks of a chunk at q_start = 4, T = 6, window 4, image block [6, 9), 'x' visible, '.' masked,
-'|' the boundary between cache slots and the chunk's own keys (k_new)::
+Masks of a chunk at q_start = 4, T = 6, window 3, image block [5, 9) (longer than the window),
+'x' visible, '.' masked, '|' the boundary between cache slots and the chunk's own keys (k_new)::
 
                 key kp   0 1 2 3 | 4 5 6 7 8 9
-        query 4          . x x x | x . . . . .     causal edge   kp <= qp
-        query 5          . . x x | x x . . . .     window edge   kp >  qp - window
-        query 6 (image)  . . . x | x x x x x .     image rows:   kp <= block end - 1
-        query 7 (image)  . . . . | x x x x x .       (one more select per edge; rows split
-        query 8 (image)  . . . . | x x x x x .        at the block's boundaries)
-        query 9          . . . . | . . x x x x
+        query 4          . . x x | x . . . . .     causal edge   kp <= qp
+        query 5 (image)  . . . x | x x x x x .     window edge   kp >  qp - window
+        query 6 (image)  . . . . | x x x x x .     image rows:   kp <= block end - 1
+        query 7 (image)  . . . . | . x x x x .       (one more select; rows split at the
+        query 8 (image)  . . . . | . . x x x .        block's boundaries)
+        query 9          . . . . | . . . x x x
 
-Each row sees one contiguous interval [lo(qp), hi(qp)], each end an affine function of qp
-(slope 1: the causal or window edge) or a constant (the image block's ends). A query tile's
+Each row sees one contiguous interval [lo(qp), hi(qp)]: lo the window edge (slope 1) or none,
+hi the causal edge (slope 1) or, in an image, the block's last key (a constant). A query tile's
 rows therefore see one contiguous key range; only that range is tiled and loaded, so key
 tiles entirely masked for a query tile are never emitted (where sliding windows save work).
 
@@ -99,7 +104,7 @@ from npu_emulator.program import KernelContext, ceil_div, tiles
 from .common import interleave
 
 AFF = "aff"  # an edge that moves with the query: kp = qp (causal) or kp = qp - window + 1
-CONST = "const"  # an edge at a fixed key position (image block ends)
+CONST = "const"  # an edge at a fixed key position (an image block's last key)
 
 
 # --------------------------------------------------------------------------- reference
@@ -123,11 +128,8 @@ def attention_prefill_reference(
     for t in range(T):
         qp = q_start + t
         for j, kp in enumerate(key_pos):
-            visible = kp <= qp and (window is None or kp > qp - window)
-            for s, e in image_blocks:
-                if s <= qp < e and s <= kp < e:
-                    visible = True
-            mask[t, j] = visible
+            visible = kp <= qp or any(s <= qp < e and s <= kp < e for s, e in image_blocks)
+            mask[t, j] = visible and (window is None or kp > qp - window)
     out = np.zeros((T, Hq, hd))
     for h in range(Hq):
         scores = q[:, h, :].astype(np.float64) @ keys[h // G].T * scale
@@ -240,27 +242,20 @@ def _block_of(geo: Geometry, p: int):
 
 
 def _row_rules(geo: Geometry, p: int):
-    """(lo, hi) edge rules of query position p: (AFF,), (CONST, c) or None (no edge)."""
-    W = geo.window
+    """(lo, hi) edge rules of query position p: lo (AFF,) or None (no window), hi (AFF,) or
+    (CONST, c)."""
+    lo = (AFF,) if geo.window else None  # the window bounds image rows too (module docstring)
     blk = _block_of(geo, p)
     if blk is None:
-        return ((AFF,) if W else None), (AFF,)
-    s, e = blk
-    # Visible: [qp - W + 1, qp] union [s, e - 1], both holding qp: the interval
-    # [min(s, qp - W + 1), e - 1].
-    if W is None:
-        lo = None
-    elif p < s + W:
-        lo = (AFF,)
-    else:
-        lo = (CONST, s)
-    return lo, (CONST, e - 1)
+        return lo, (AFF,)
+    # Visible: ([0, qp] union [s, e - 1]) from qp - W + 1 on: [qp - W + 1, e - 1] (qp in [s, e)).
+    return lo, (CONST, blk[1] - 1)
 
 
 def _row_interval(geo: Geometry, p: int) -> tuple[int, int]:
     """[lo, hi] key positions visible from query position p (before clipping to the cache)."""
     lo, hi = _row_rules(geo, p)
-    lo_v = -(1 << 60) if lo is None else (p - geo.window + 1 if lo[0] == AFF else lo[1])
+    lo_v = -(1 << 60) if lo is None else p - geo.window + 1
     hi_v = p if hi[0] == AFF else hi[1]
     return lo_v, hi_v
 
@@ -269,7 +264,7 @@ def row_segments(geo: Geometry, a: int, b: int):
     """Split query positions [a, b) where the edge rules change: [(p0, p1, lo, hi)]."""
     cuts = {a, b}
     for s, e in geo.blocks:
-        for c in (s, e) + ((s + geo.window,) if geo.window else ()):
+        for c in (s, e):
             if a < c < b:
                 cuts.add(c)
     cuts = sorted(cuts)
@@ -289,12 +284,8 @@ def selects(geo: Geometry, p0: int, p1: int, lo, hi, k0: int, k1: int):
     [k0, k1), with i = qp - p0 and j = kp - k0: keep where offset + row*i + col*j >= 0."""
     out = []
     W = geo.window
-    if lo is not None:
-        if lo[0] == AFF:  # kp >= qp - W + 1
-            if k0 - (p1 - 1) + W - 1 < 0:
-                out.append((k0 - p0 + W - 1, -1, 1))
-        elif k0 < lo[1]:  # kp >= c
-            out.append((k0 - lo[1], 0, 1))
+    if lo is not None and k0 - (p1 - 1) + W - 1 < 0:  # kp >= qp - W + 1
+        out.append((k0 - p0 + W - 1, -1, 1))
     if hi[0] == AFF:  # kp <= qp
         if p0 - (k1 - 1) < 0:
             out.append((p0 - k0, 1, -1))
@@ -338,10 +329,8 @@ def _masked_softmax(s, G, q_start, key_pos, key_blk, q_blk, window, scale):
         m = -np.inf
         for j in range(n):
             kp = key_pos[j]
-            vis = kp <= qp and (window <= 0 or kp > qp - window)
-            if not vis and q_blk[t] >= 0 and key_blk[j] == q_blk[t]:
-                vis = True
-            if vis:
+            vis = kp <= qp or (q_blk[t] >= 0 and key_blk[j] == q_blk[t])
+            if vis and (window <= 0 or kp > qp - window):
                 x = s[r, j] * scale
                 s[r, j] = x
                 if x > m:

@@ -5,7 +5,8 @@ IO (DRAM): cache (B, Hkv, S, hd), updated in place (the kernel has no outputs); 
 prefill chunk, T = 1: decode); rows (B', T, Hkv) int32, the row of the cache viewed as
 (B * Hkv * S, hd) that each new row goes to: ``(b * Hkv + h) * S + slot`` for the sequence b
 that new row b' belongs to, slot = position for a global cache and position % S for a
-sliding-window ring buffer (``cache_rows`` builds it on the host). No compile-time constants.
+sliding-window ring buffer (S: the window rounded up to whole decode KV tiles, so any window
+works; ``cache_rows`` builds it on the host). No compile-time constants.
 
 Contract on rows (what ``cache_rows`` of consecutive positions gives): rows[b', :, h] lie in
 one (sequence, head) block of S cache rows, distinct (b', h) in distinct blocks, and a

@@ -78,9 +78,10 @@ def lm_head_cases(draw, *, max_d: int = 150, max_v: int = 700):
 def prefill_cases(draw, *, max_t: int = 12, max_hd: int = 72):
     """(T, Hq, Hkv, hd, B, S, consts) for attention_prefill, consts without the scale: T and hd
     off every tile size (and 1), GQA ratios 1, 2 and 8, global and ring caches, windows smaller
-    and larger than the sequence, image blocks that straddle the chunk's start or lie inside
-    it. Not every case is a valid call (the kernel's ring and cache rules): filter them with
-    the kernel's geometry."""
+    and larger than the sequence (and than image blocks), rings of the window's slots or more
+    (a model rounds a ring up to whole KV tiles), image blocks that straddle the chunk's start
+    or lie inside it. Not every case is a valid call (the kernel's ring and cache rules):
+    filter them with the kernel's geometry."""
     T = draw(st.one_of(st.sampled_from([1, 2, 7, 8, 9]), st.integers(1, max_t)), label="T")
     G = draw(st.sampled_from([1, 2, 8]), label="G")
     Hkv = draw(st.integers(1, 1 if G == 8 else 2), label="Hkv")
@@ -88,8 +89,8 @@ def prefill_cases(draw, *, max_t: int = 12, max_hd: int = 72):
     q_start = draw(st.one_of(st.just(0), st.integers(0, 30)), label="q_start")
     ring = draw(st.booleans(), label="ring")
     if ring:
-        window = draw(st.integers(1, 24), label="window")
-        S = window  # a sliding layer's ring holds one window
+        window = draw(st.one_of(st.sampled_from([1, 2, 3]), st.integers(1, 24)), label="window")
+        S = window + draw(st.sampled_from([0, 0, 1, 5, 7]), label="S - window")  # padded ring
     else:
         window = draw(st.one_of(st.none(), st.integers(1, 24)), label="window")
         S = draw(st.integers(max(1, q_start), q_start + 8), label="S")

@@ -250,3 +250,50 @@ def test_length_not_a_multiple_of_the_kv_tile_is_refused():
 def test_kv_tile_is_one_mac_block():
     assert decode_kv_tile(TINY) == TINY.mac_rows
     assert math.gcd(512, decode_kv_tile(NPU("atom").config)) == decode_kv_tile(NPU("atom").config)
+
+
+def ring_mask(positions, slots, length, window):
+    """The host's mask over slots [0, L) of a ring of ``slots`` slots after each sequence wrote
+    positions 0..pos at slot p % slots, one by one: visible where a slot holds a position in
+    (pos - window, pos]."""
+    mask = np.full((len(positions), length), -np.inf, np.float32)
+    for b, pos in enumerate(positions):
+        held = np.full(slots, -1)
+        for p in range(pos + 1):
+            held[p % slots] = p
+        mask[b, (held[:length] >= 0) & (held[:length] > pos - window)] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize(
+    "window, positions",
+    [(1, [0, 37]), (3, [2, 21]), (5, [4, 100]), (63, [40, 200]), (65, [64, 300]), (100, [99, 250])],
+)
+@pytest.mark.parametrize("cfg", [TINY, TINY4], ids=["tiny", "tiny4"])
+def test_a_ring_of_any_window_rounded_up_to_whole_tiles(window, positions, cfg):
+    """Windows off the KV tile in a ring of ceil(window / tile) tiles, wrapped or not yet
+    full: both modes equal the reference, report the same cycles, and read whole tiles."""
+    tile = decode_kv_tile(cfg)
+    slots = math.ceil(window / tile) * tile
+    length = min(slots, math.ceil((max(positions) + 1) / tile) * tile)
+    b, hkv, group, hd = len(positions), 2, 2, 16
+    q = arrays((b, hkv * group, hd), 1)
+    kc, vc = arrays((b, hkv, slots, hd), 2), arrays((b, hkv, slots, hd), 3)
+    mask, scale = ring_mask(positions, slots, length, window), hd**-0.5
+    assert ((mask == 0).sum(axis=1) == np.minimum(window, np.array(positions) + 1)).all()
+    ref = attention_decode_reference(q, kc, vc, mask, scale=scale)
+    tol = (
+        4
+        * U_FP32
+        * (2 * hd * magnitudes(q, kc, mask, scale) + 4 * length + 8)
+        * vmax(vc, hkv * group, length)
+    )
+    reports = []
+    for mode in ("tile", "fast"):
+        out, rep = run(cfg, mode, "fp32", q, kc, vc, mask, scale)
+        assert np.all(np.abs(out - ref) <= tol[..., None] + 1e-30), mode
+        reports.append(rep)
+    assert reports[0] == reports[1]
+    # K and V of L slots, whole tiles, each once (bf16 timing), then q, the fp32 mask and out.
+    kv = 2 * b * hkv * length * hd * 2
+    assert reports[0].io_bytes == kv + 2 * b * hkv * group * hd * 2 + b * length * 4 == reports[0].dram_bytes

@@ -123,14 +123,41 @@ NAMED = {
         dict(q_start=6, image_blocks=((3, 11),)),
     ),
     "image block inside the chunk": (12, 2, 1, 16, 1, 8, dict(q_start=4, image_blocks=((7, 12),))),
-    "image blocks with a window (docstring picture)": (
+    "image longer than the window (docstring picture)": (
         6,
         2,
         1,
         8,
         1,
         4,
-        dict(q_start=4, window=4, ring=True, image_blocks=((6, 9),)),
+        dict(q_start=4, window=3, ring=True, image_blocks=((5, 9),)),
+    ),
+    "image longer than the window, padded ring wrapped": (
+        12,
+        4,
+        2,
+        16,
+        1,
+        8,
+        dict(q_start=29, window=5, ring=True, image_blocks=((31, 41),)),
+    ),
+    "window 1: each query sees itself (and later keys of its image)": (
+        9,
+        2,
+        1,
+        8,
+        1,
+        8,
+        dict(q_start=13, window=1, ring=True, image_blocks=((15, 19),)),
+    ),
+    "odd window, ring padded to whole tiles, chunk laps it": (
+        20,
+        2,
+        1,
+        12,
+        1,
+        8,
+        dict(q_start=37, window=3, ring=True),
     ),
     "image block longer than the window": (
         14,
@@ -173,6 +200,35 @@ def test_reference_by_hand():
     out = attention_prefill_reference(q[:1], k_new[:1], v_new[:1], k_cache, v_cache, q_start=1, scale=1.0)
     mean = (v_cache[0, 0, 0].astype(np.float64) + v_new[0, 0]) / 2
     np.testing.assert_allclose(out[0, 0], mean, rtol=1e-12)
+
+
+PICTURE = [  # the module docstring's mask: q_start 4, T 6, window 3, image block [5, 9)
+    "..xx|x.....",
+    "...x|xxxxx.",
+    "....|xxxxx.",
+    "....|.xxxx.",
+    "....|..xxx.",
+    "....|...xxx",
+]
+
+
+@pytest.mark.parametrize("how", ["reference", "tile", "fast"])
+def test_docstring_picture_an_image_longer_than_the_window_is_windowed(how):
+    """Zero queries weigh the visible keys equally; values one-hot in the key position make
+    the output row the visible set over its size (transformers' AND(window, OR(causal, block)))."""
+    q_start, T, hd = 4, 6, 10  # hd: one value column per key position 0..9
+    eye = np.eye(hd, dtype=np.float32)
+    q = np.zeros((T, 1, hd), np.float32)
+    k_new, v_new = np.zeros((T, 1, hd), np.float32), eye[q_start:, None, :]
+    k_cache, v_cache = np.zeros((1, 1, 4, hd), np.float32), eye[None, None, :q_start]
+    consts = dict(q_start=q_start, scale=1.0, window=3, ring=True, image_blocks=((5, 9),))
+    ins = (q, k_new, v_new, k_cache, v_cache)
+    if how == "reference":
+        out = attention_prefill_reference(*ins, **consts)
+    else:
+        out, _ = NPU(TINY, mode=how, numerics="fp32").run(attention_prefill, *ins, **consts)
+    want = np.array([[c == "x" for c in row.replace("|", "")] for row in PICTURE])
+    np.testing.assert_allclose(out[:, 0], want / want.sum(axis=1, keepdims=True), atol=1e-6)
 
 
 def signature(T, Hq, Hkv, hd, S):
