@@ -5,7 +5,7 @@
     print(e.table())          # e.prefill_ms, e.decode_step_ms, e.to_dict()
 
     python -m gemma3 estimate --config CONFIG.json --npu PRESET [--batch B] [--prompt-tokens P]
-        [--new-tokens N] [--chunk C] [--weights-dtype bf16|fp32] [--json]
+        [--new-tokens N] [--chunk C] [--max-seq-len L] [--weights-dtype bf16|fp32] [--tp 1] [--json]
 
 The kernels are the ones ``Gemma3OnNPU`` runs (gemma3/model.py), at the signatures and
 constants it passes them, planned with ``NPU.plan`` as compiling does (a test holds the two
@@ -22,9 +22,9 @@ equal on a compiled tiny model):
 
 A Gemma3 ``config.json`` (text, or image+text: its text stack) is costed as it runs. A Qwen3 or
 Llama-style ``config.json`` is costed as the same kernels: every layer global, the SwiGLU MLP
-as the GeGLU kernel (same three matrices, SiLU in place of GELU on the SFU), no embedding
-scale, attention scale head_dim ** -0.5; Gemma's extra norms (q_norm, k_norm, the post-norms)
-stay, a few vector passes per layer. ``weights_dtype`` is the device dtype: fp32 stores and
+as the GeGLU kernel (the same three matrices; its GELU costs the SFU what SiLU would), no
+embedding scale, attention scale head_dim ** -0.5; Gemma's extra norms (the post-norms, and
+q_norm / k_norm where a Llama has none) stay, a few vector passes per layer. ``weights_dtype`` is the device dtype: fp32 stores and
 streams the weights (and the activations, the caches) in 4 bytes.
 
 Each prefill chunk and each decode step is one call from the host: the preset's
@@ -33,6 +33,7 @@ Each prefill chunk and each decode step is one call from the host: the preset's
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -303,8 +304,7 @@ def estimate(
             f"prompt_tokens + new_tokens = {seq} exceeds max_seq_len {max_seq_len} (the compiled cache)"
         )
     cfg = get_preset(npu)
-    dev = NPU(cfg, dtype=weights_dtype)
-    plan = _Planner(dev, c, scale, batch, max_seq_len)
+    plan = _Planner(_device(cfg, weights_dtype), c, scale, batch, max_seq_len)
 
     prefill = PhaseEstimate()
     for start in range(0, prompt_tokens, chunk):
@@ -330,6 +330,12 @@ def estimate(
         decode=decode,
         decode_step=step,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _device(cfg, dtype: str) -> NPU:
+    """One NPU per chip and dtype: its plans serve every estimate made on it in this process."""
+    return NPU(cfg, dtype=dtype)
 
 
 class _Planner:

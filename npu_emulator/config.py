@@ -237,8 +237,8 @@ ATOM_DIE = dict(
     # bounds it at 2 elements per cycle per engine (32, ``atom``'s choice, gives 6.2 ms). The
     # RBLN kernel may also compute masked key tiles, which ours skips; this rate absorbs that.
     sfu_lanes=2,
-    # fitted: the decode step's 15.7 ms device span against 15.33 ms of its kernels at the
-    # fitted DRAM rate: 0.37 ms over its 367 kernels -> 1,000 cycles (1 us) per kernel
+    # fitted: the decode step's 15.7 ms device span against 15.34 ms of its kernels at the
+    # fitted DRAM rate: 0.36 ms over its 395 kernels -> 1,000 cycles (about 0.9 us) per kernel
     kernel_launch_cycles=1000,
     # fitted: 15.88 ms p50 per decode step against the 15.7 ms device span (optimum-rbln's host
     # work per call, the runtime's launch and output copy) -> 180 us per call
