@@ -1,4 +1,5 @@
-"""``python -m gemma3``: generate text with a Gemma3 model on the emulated NPU."""
+"""``python -m gemma3``: generate text with a Gemma3 model on the emulated NPU, convert a GGUF,
+or estimate a model's cost on a chip preset without its weights."""
 
 from __future__ import annotations
 
@@ -67,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mode", choices=["fast", "tile"], default=None)
     g.add_argument("--trace", metavar="OUT.json", help="write the emulated timeline of the whole run")
+    e = sub.add_parser(
+        "estimate",
+        help="plan-only cost of a config.json (Gemma3, Qwen3 or Llama-style) on a chip preset, no weights",
+    )
+    e.add_argument("--config", required=True, metavar="CONFIG.json", help="the model's config.json")
+    e.add_argument("--npu", default="atom", help="chip preset (atom, rbln-ca25, rebel100, ...; default atom)")
+    e.add_argument("--batch", type=int, default=1, help="sequences decoded together (the compiled batch)")
+    e.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of each sequence")
+    e.add_argument("--new-tokens", type=int, default=128, help="tokens generated for each sequence")
+    e.add_argument("--chunk", type=int, default=128, help="prefill chunk (tokens; divisible by 64)")
+    e.add_argument("--max-seq-len", type=int, help="compiled cache length (default: prompt + new tokens)")
+    e.add_argument(
+        "--weights-dtype", choices=["bf16", "fp32"], default="bf16", help="device dtype of weights and caches"
+    )
+    e.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (only 1 for now)")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     c = sub.add_parser("convert", help="convert a Gemma 3 GGUF file into a Hugging Face model directory")
     c.add_argument("--gguf", required=True, metavar="FILE", help="the .gguf file (llama.cpp format)")
     c.add_argument("--out", required=True, metavar="DIR", help="the directory to create")
@@ -84,6 +101,30 @@ def convert(args) -> int:
     print(f"converting {args.gguf} ...", file=sys.stderr, flush=True)
     convert_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.force)
     print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def estimate(args) -> int:
+    import json
+
+    from .estimate import estimate as plan_estimate
+
+    t0 = time.perf_counter()
+    e = plan_estimate(
+        args.config,
+        args.npu,
+        batch=args.batch,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        chunk=args.chunk,
+        weights_dtype=args.weights_dtype,
+        max_seq_len=args.max_seq_len,
+        tp=args.tp,
+    )
+    print(e.table())
+    print(f"\n(planned in {time.perf_counter() - t0:.1f} s of host time)")
+    if args.json:
+        print(json.dumps(e.to_dict()))
     return 0
 
 
@@ -231,6 +272,8 @@ def main(argv=None) -> int:
             return generate(args)
         if args.command == "convert":
             return convert(args)
+        if args.command == "estimate":
+            return estimate(args)
     except (OSError, ValueError, TypeError, NotImplementedError, EmulatorError, DefaultModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ The public API: ``NPU`` runs a ``Kernel`` (a tiled program written against
 ``KernelContext``) in ``tile`` or ``fast`` mode and returns outputs with a ``CycleReport``.
 """
 
-from .config import ATOM, PRESETS, TINY, NPUConfig, get_preset
+from .config import ATOM, PRESETS, RBLN_NPU_NAMES, TINY, NPUConfig, get_preset, preset_for_rbln_npu
 from .device import NPU, DeviceTensor, Kernel
 from .errors import (
     AllocationError,
@@ -25,6 +25,8 @@ __all__ = [
     "TINY",
     "NPUConfig",
     "get_preset",
+    "RBLN_NPU_NAMES",
+    "preset_for_rbln_npu",
     "NPU",
     "DeviceTensor",
     "Kernel",

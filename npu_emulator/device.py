@@ -235,7 +235,8 @@ class NPU:
             name=kernel.name,
             npu=self.config.name,
             clock_hz=self.config.clock_hz,
-            cycles=math.ceil(sched.total - 1e-9),
+            # The dispatch and barrier every kernel pays (NPUConfig.kernel_launch_cycles).
+            cycles=math.ceil(sched.total - 1e-9) + self.config.kernel_launch_cycles,
             unit_busy={u: int(round(b)) for u, b in zip(stream.unit_names, sched.busy)},
             bytes_by_path=dict(stream.bytes_by_path),
             peak_local_sram=k.peak_local,

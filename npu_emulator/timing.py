@@ -194,7 +194,12 @@ def schedule(stream, cfg) -> Schedule:
     unit_is_dma[stream.first_dma_unit :] = True
     queue_rate = np.full(n_units, float(cfg.dma_queue_bytes_per_cycle))
     res_rate = np.array(
-        [cfg.dram_bytes_per_cycle, cfg.shared_sram_bytes_per_cycle, cfg.host_bytes_per_cycle],
+        # DRAM sustains dram_efficiency of its peak (refresh, bank and turnaround losses).
+        [
+            cfg.dram_bytes_per_cycle * cfg.dram_efficiency,
+            cfg.shared_sram_bytes_per_cycle,
+            cfg.host_bytes_per_cycle,
+        ],
         dtype=np.float64,
     )
     start, data_start, end, busy, total = _schedule(

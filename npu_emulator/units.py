@@ -84,7 +84,8 @@ def check_matmul(cfg: NPUConfig, instr: str, dst, a, b) -> tuple[int, int]:
             f"{instr}: accumulator {dst.name!r} is {dst.dtype}; the matrix unit accumulates in fp32"
         )
     passes = math.ceil(k / cfg.mac_rows) * math.ceil(n / cfg.mac_cols)
-    cycles = cfg.mac_fill_drain + passes * max(m, cfg.mac_rows)
+    # The array sustains matmul_efficiency of a row per cycle (NPUConfig.matmul_efficiency).
+    cycles = cfg.mac_fill_drain + math.ceil(passes * max(m, cfg.mac_rows) / cfg.matmul_efficiency)
     return cycles, 2 * m * k * n
 
 

@@ -171,3 +171,64 @@ def test_host_transfers_use_the_host_link():
     rate = min(CFG.dma_queue_bytes_per_cycle, CFG.host_bytes_per_cycle)
     assert rep.cycles == math.ceil(CFG.dma_host_latency + nbytes / rate)
     assert rep.bytes_by_path == {"host->dram": nbytes}
+
+
+# ----------------------------------------------------------------------------- sustained rates
+
+
+def test_dram_efficiency_scales_the_shared_dram_rate():
+    # Four queues of 8 B/cycle would take 32 B/cycle; DRAM sustains 16 * 0.75 = 12 of it.
+    cfg = CFG.replace(dram_efficiency=0.75)
+
+    def emit(k, x):
+        out = k.output(x.shape)
+        ts = [k.alloc(x.shape) for _ in range(4)]
+        for q, t in enumerate(ts):
+            k.dma(t, x, queue=q)
+        k.vector("copy", ts[0], ts[1])
+        k.dma(out, ts[0], queue=0)
+        return out
+
+    x = np.ones((32, 32), np.float32)
+    _, rep = run(emit, x, cfg=cfg)
+    nbytes = x.size * 2
+    load = cfg.dma_dram_latency + 4 * nbytes / (cfg.dram_bytes_per_cycle * cfg.dram_efficiency)
+    vec = cfg.vector_latency + math.ceil(x.size / cfg.vector_lanes)
+    store = cfg.dma_dram_latency + nbytes / cfg.dma_queue_bytes_per_cycle  # alone: the queue's rate
+    assert rep.cycles == math.ceil(load + vec + store)
+    assert rep.dram_bytes_per_cycle == cfg.dram_bytes_per_cycle  # the roofline stays at the peak
+
+
+def test_matmul_efficiency_stretches_the_passes_not_the_fill():
+    cfg = CFG.replace(matmul_efficiency=0.6)
+    m, kk, n = 5, 20, 12
+
+    def emit(k, a, b):
+        out = k.output((m, n), "fp32")
+        at, bt = k.alloc((m, kk)), k.alloc((kk, n))
+        acc0, acc1 = k.alloc((m, n), "fp32"), k.alloc((m, n), "fp32")
+        k.dma(at, a, queue=0)
+        k.dma(bt, b, queue=1)
+        k.matmul(acc0, at, bt)
+        k.matmul(acc1, at, bt)  # back to back: the second one's fill is hidden
+        k.vector("add", acc0, acc0, acc1)
+        k.dma(out, acc0, queue=2)
+        return out
+
+    rep = NPU(cfg).plan(Kernel("mm", emit, None), [((m, kk), "bf16"), ((kk, n), "bf16")], {}).report
+    passes = math.ceil(kk / cfg.mac_rows) * math.ceil(n / cfg.mac_cols)
+    one = cfg.mac_fill_drain + math.ceil(passes * max(m, cfg.mac_rows) / 0.6)
+    assert rep.unit_busy["engine0.matrix"] == 2 * one - cfg.mac_fill_drain
+    assert rep.flops == 2 * 2 * m * kk * n  # the work is the same; only its rate changed
+
+
+def test_kernel_launch_cycles_add_to_every_kernel():
+    def emit(k, x):
+        out = k.output(x.shape)
+        k.dma(out, x, queue=0)
+        return out
+
+    sig = [((8, 8), "bf16")]
+    base = NPU(CFG).plan(Kernel("copy", emit, None), sig, {}).report.cycles
+    rep = NPU(CFG.replace(kernel_launch_cycles=300)).plan(Kernel("copy", emit, None), sig, {}).report
+    assert rep.cycles == base + 300
