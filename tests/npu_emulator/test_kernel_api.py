@@ -5,6 +5,7 @@ import pydoc
 
 import numpy as np
 import pytest
+from hypothesis.vendor.pretty import pretty
 
 import npu_kernels
 from npu_emulator import (
@@ -233,3 +234,5 @@ def test_config_repr_is_short():
     assert repr(TINY) == "NPUConfig('tiny')"
     assert repr(TINY.replace(num_engines=2)) == "NPUConfig('tiny', num_engines=2)"
     assert repr(TINY.replace(name="t2", dma_queues=2)) == "NPUConfig('t2', tiny with dma_queues=2)"
+    # What hypothesis prints for a falsifying example's chip.
+    assert pretty(TINY.replace(num_engines=2)) == "NPUConfig('tiny', num_engines=2)"
