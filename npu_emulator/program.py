@@ -512,9 +512,15 @@ class KernelContext:
         dst.array()[...] = store_value(values, dst.dtype, self.numerics)
         self._mark(dst)
 
-    @staticmethod
-    def _mark(dst: View) -> None:
-        if dst.buffer.written is not None:
+    def _mark(self, dst: View) -> None:
+        buf = dst.buffer
+        if buf.written is None:
+            return
+        if not self.execute and _whole(dst):
+            # A trace holds no values: a buffer written whole needs no mask any more (None, as
+            # for the inputs), which makes every later read and write of it free to check.
+            buf.written = None
+        else:
             dst.written_mask()[...] = True
 
     def _record(
@@ -606,6 +612,18 @@ class KernelContext:
             flops=self.flops,
             bytes_by_path=dict(self.bytes_by_path),
         )
+
+
+def _whole(view: View) -> bool:
+    """Whether ``view`` is every element of its buffer (a full slice, or a dense region)."""
+    buf = view.buffer
+    if view.axes is not None:
+        return not view.fixed and view.shape == buf.shape
+    dense, acc = [], 1
+    for n in reversed(view.shape):
+        dense.append(acc)
+        acc *= n
+    return view.offset == 0 and view.size == buf.size and view.strides == tuple(reversed(dense))
 
 
 def ceil_div(a: int, b: int) -> int:
