@@ -73,6 +73,9 @@ class Kernel:
     def __post_init__(self):
         params = _parameters(self.fast)
         object.__setattr__(self, "_fast_numerics", params is not None and "numerics" in params)
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        emit_params = list((_parameters(self.emit) or {}).values())[1:]  # after the context
+        object.__setattr__(self, "_input_names", [p.name for p in emit_params if p.kind in kinds])
         if self.__doc__ is type(self).__doc__:
             module = inspect.getmodule(self.emit)
             if module is not None and module.__doc__:
@@ -84,9 +87,7 @@ class Kernel:
     def input_names(self, count: int) -> list[str]:
         """Names of the first ``count`` DRAM inputs: emit's parameters after the context
         (``in{i}`` past them, e.g. for ``*inputs``)."""
-        params = list((_parameters(self.emit) or {}).values())[1:]
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        names = [p.name for p in params if p.kind in kinds]
+        names = self._input_names
         return [names[i] if i < len(names) else f"in{i}" for i in range(count)]
 
     def tune(self, config: NPUConfig, specs, consts: dict, dtype: str = "bf16") -> dict:
