@@ -125,7 +125,7 @@ def main():
         r["combined_pct_of_roofline"] = r["pct_of_roofline"]
         r["roofline_cycles"] = kernel_bound
         r["pct_of_roofline"] = 100.0 * kernel_bound / seq.cycles
-        r["binding_unit"] = "per kernel"  # the sum of each kernel's own binding bound
+        r["binding_unit"] = "summed"  # each kernel's own binding bound, added up
         summary.append(r)
     print_table(rows + summary)
     image = summary[-1]
