@@ -302,7 +302,7 @@ class NPU:
             if execute:
                 h.written = np.ones(b.shape, np.bool_)
             bufs.append(h)
-        chosen = kernel.tune(self.config, [b for b in bufs], consts, self.dtype)
+        chosen = kernel.tune(self.config, bufs, consts, self.dtype)
         try:
             returned = kernel.emit(k, *bufs, **{**chosen, **consts})
             returned = list(returned) if isinstance(returned, (tuple, list)) else [returned]

@@ -499,7 +499,7 @@ class KernelContext:
 
     def _check_read(self, label: str, view: View) -> None:
         if view.buffer.written is None:
-            return  # a kernel input being traced: written by the host before the run
+            return  # an input (the host wrote it), or in a trace a buffer already written whole
         mask = view.written_mask()
         if not mask.all():
             where = tuple(int(i) for i in np.argwhere(~mask)[0])
