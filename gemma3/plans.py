@@ -30,6 +30,7 @@ REPORT_FIELDS = [
     "io_bytes",
     "peak_flops_per_cycle",
     "dram_bytes_per_cycle",
+    "bounds",
 ]
 
 

@@ -5,7 +5,7 @@ The public API: ``NPU`` runs a ``Kernel`` (a tiled program written against
 """
 
 from .config import ATOM, PRESETS, RBLN_NPU_NAMES, TINY, NPUConfig, get_preset, preset_for_rbln_npu
-from .device import NPU, DeviceTensor, Kernel
+from .device import NPU, DeviceTensor, Kernel, TensorSpec
 from .errors import (
     AllocationError,
     DTypeMismatchError,
@@ -15,7 +15,7 @@ from .errors import (
     OutOfBoundsError,
     UninitializedReadError,
 )
-from .memory import Buffer, View, round_bf16
+from .memory import Buffer, View, as_stored, round_bf16
 from .program import InstructionStream, KernelContext, ceil_div, tiles
 from .report import CycleReport
 
@@ -30,6 +30,7 @@ __all__ = [
     "NPU",
     "DeviceTensor",
     "Kernel",
+    "TensorSpec",
     "AllocationError",
     "DTypeMismatchError",
     "EmulatorError",
@@ -40,6 +41,7 @@ __all__ = [
     "Buffer",
     "View",
     "round_bf16",
+    "as_stored",
     "InstructionStream",
     "KernelContext",
     "ceil_div",

@@ -129,6 +129,27 @@ class NPUConfig:
                     f"sram_alignment = {self.sram_alignment}"
                 )
 
+    def __repr__(self) -> str:
+        """Short: the name, then the fields that differ from the nearest preset (or from the
+        defaults), so a failing test case does not print thirty lines of constants."""
+
+        def changed(base):
+            return [
+                f"{f.name}={getattr(self, f.name)!r}"
+                for f in fields(self)
+                if f.name != "name" and getattr(self, f.name) != getattr(base, f.name)
+            ]
+
+        bases = [("", NPUConfig())] + [(f"{name} with ", cfg) for name, cfg in PRESETS.items()]
+        if self.name in PRESETS:
+            bases = [("", PRESETS[self.name])]
+        label, diff = min(((label, changed(base)) for label, base in bases), key=lambda ld: len(ld[1]))
+        rest = label + ", ".join(diff) if diff else label.removesuffix(" with ")
+        return f"NPUConfig({self.name!r}{', ' + rest if rest else ''})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))  # hypothesis prints falsifying examples with this
+
     @property
     def peak_flops_per_cycle(self) -> int:
         """Matrix-unit peak over all engines: one multiply-add (2 FLOPs) per MAC per cycle."""

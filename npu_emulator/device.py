@@ -7,21 +7,24 @@
 stream it recorded. ``fast`` mode traces the kernel once per static shape (no values), schedules
 that stream and caches the report; every call then runs only the kernel's whole-operator
 ``fast`` function. Both schedule the same instruction stream, so their cycles agree exactly.
+The fast-mode trace tracks written regions as tile mode does: an output left unwritten or a read
+of SRAM / DRAM scratch no earlier instruction wrote raises the same error, once per shape.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import NPUConfig, get_preset
-from .errors import KernelError
+from .errors import EmulatorError, KernelError
 from .memory import BF16, DRAM, DTYPES, Allocator, Buffer, check_dtype, itemsize, store_value
 from .program import KernelContext
-from .report import CycleReport
+from .report import CycleReport, unit_bounds
 from .timing import schedule
 
 MODES = ("tile", "fast")
@@ -29,21 +32,107 @@ NUMERICS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """A DRAM input as an autotuner sees it: the ``emit`` parameter's name, shape and dtype."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+
+@dataclass(frozen=True)
 class Kernel:
     """A tiled program plus its whole-operator twin.
 
     emit(k, *inputs, **consts): issue the tiled program on ``k`` (a ``KernelContext``); the
-        inputs are DRAM ``Buffer``s; return the output buffer(s) made with ``k.output``.
+        inputs are DRAM ``Buffer``s named after emit's parameters; return the output buffer(s)
+        made with ``k.output``.
     fast(*arrays, **consts): the same math on whole NumPy arrays (fast mode); returns the
         outputs, or None for a kernel that only updates inputs in place (a KV-cache write):
         it then updates the arrays it was given, as the tiled program writes the DRAM tensors.
+        A fast function with a ``numerics`` parameter is called with the NPU's numerics
+        (``"bf16"``, or ``"fp32"``; ``"fp32"`` too when the device dtype is fp32), so that it
+        rounds an intermediate the tiled program passes through a device-dtype tile as the
+        device does (``npu_emulator.as_stored``) and matches tile mode under both numerics.
     reference(*arrays, **consts): the plain NumPy definition tests compare against.
+    autotune(config, *specs, **consts) -> candidates: optional; ``specs`` are the inputs'
+        ``TensorSpec``s, each candidate a dict of extra keyword arguments for ``emit`` (tile
+        sizes, a plan object). The NPU traces and schedules every candidate once per chip,
+        device dtype, input shapes and consts, keeps the one with the fewest cycles (the first
+        on ties) and passes it to ``emit`` in both modes; ``fast`` never sees it.
     """
 
     name: str
     emit: Callable
     fast: Callable
     reference: Callable | None = None
+    autotune: Callable | None = None
+    # (config, dtype, input specs, frozen consts) -> chosen candidate; see ``tune``.
+    _tuned: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        params = _parameters(self.fast)
+        object.__setattr__(self, "_fast_numerics", params is not None and "numerics" in params)
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        emit_params = list((_parameters(self.emit) or {}).values())[1:]  # after the context
+        object.__setattr__(self, "_input_names", [p.name for p in emit_params if p.kind in kinds])
+        if self.__doc__ is type(self).__doc__:
+            module = inspect.getmodule(self.emit)
+            if module is not None and module.__doc__:
+                # help(npu_kernels.softmax) then shows the module's docstring (IO layouts,
+                # constants, SRAM, FLOPs) rather than this class's.
+                doc = f"Kernel {self.name!r} of {module.__name__}.\n\n{module.__doc__}"
+                object.__setattr__(self, "__doc__", doc)
+
+    def input_names(self, count: int) -> list[str]:
+        """Names of the first ``count`` DRAM inputs: emit's parameters after the context
+        (``in{i}`` past them, e.g. for ``*inputs``)."""
+        names = self._input_names
+        return [names[i] if i < len(names) else f"in{i}" for i in range(count)]
+
+    def tune(self, config: NPUConfig, specs, consts: dict, dtype: str = "bf16") -> dict:
+        """The autotuned candidate for inputs ``specs`` (``TensorSpec``s) and ``consts`` on
+        ``config`` ({} without ``autotune``), chosen once and cached on the kernel."""
+        if self.autotune is None:
+            return {}
+        specs = tuple(TensorSpec(s.name, tuple(s.shape), s.dtype) for s in specs)
+        key = (config, dtype, tuple((s.shape, s.dtype) for s in specs), _freeze(consts))
+        chosen = self._tuned.get(key)
+        if chosen is None:
+            chosen = self._choose(config, specs, consts, dtype)
+            self._tuned[key] = chosen
+        return chosen
+
+    def _choose(self, config, specs, consts, dtype) -> dict:
+        best, failures = None, []
+        candidates = list(self.autotune(config, *specs, **consts))
+        for cand in candidates:
+            k = KernelContext(f"{self.name}-tune", config, execute=False, dtype=dtype)
+            shells = [Buffer(s.name, DRAM, s.shape, s.dtype, 0, 0) for s in specs]
+            try:
+                self.emit(k, *shells, **{**cand, **consts})  # consts the caller fixed win
+                cycles = schedule(k.stream(), config).total
+            except EmulatorError as e:  # a candidate that does not fit is no candidate
+                failures.append(f"  {cand}: {type(e).__name__}: {e}")
+                continue
+            finally:
+                k.release_all()
+            if best is None or cycles < best[0]:
+                best = (cycles, cand)
+        if best is None:
+            detail = "\n".join(failures) or "  (the autotuner returned no candidates)"
+            raise KernelError(
+                f"kernel {self.name!r}: no autotune candidate runs on {config.name} for inputs "
+                f"{[(s.name, s.shape, s.dtype) for s in specs]}:\n{detail}"
+            )
+        return dict(best[1])
+
+
+def _parameters(fn):
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or jitted callable without a signature
+        return None
 
 
 class DeviceTensor:
@@ -169,13 +258,14 @@ class NPU:
         ``CycleReport``. ``trace`` names a Chrome-trace JSON file to write.
         """
         temps, tensors = [], []
+        names = kernel.input_names(len(inputs))
         for i, x in enumerate(inputs):
             if isinstance(x, DeviceTensor):
                 if x.npu is not self:
                     raise KernelError(f"{kernel.name}: input {i} lives on another NPU")
                 tensors.append(x)
             else:
-                t = self.to_device(x, name=f"in{i}")
+                t = self.to_device(x, name=names[i])
                 temps.append(t)
                 tensors.append(t)
         try:
@@ -199,6 +289,7 @@ class NPU:
             numerics=self.numerics,
             dtype=self.dtype,
             dram=self.dram,
+            verify=True,
         )
 
     def _emit(self, kernel, tensors, consts, execute):
@@ -211,16 +302,16 @@ class NPU:
             if execute:
                 h.written = np.ones(b.shape, np.bool_)
             bufs.append(h)
+        chosen = kernel.tune(self.config, bufs, consts, self.dtype)
         try:
-            returned = kernel.emit(k, *bufs, **consts)
+            returned = kernel.emit(k, *bufs, **{**chosen, **consts})
             returned = list(returned) if isinstance(returned, (tuple, list)) else [returned]
             if [id(b) for b in returned] != [id(b) for b in k.outputs]:
                 raise KernelError(
                     f"kernel {kernel.name!r} must return exactly the buffers it made with "
                     f"k.output, in order ({len(k.outputs)} made, {len(returned)} returned)"
                 )
-            if execute:
-                k.check_outputs_written()
+            k.check_outputs_written()
             stream = k.stream()
             sched = schedule(stream, self.config)
         finally:
@@ -248,6 +339,7 @@ class NPU:
             io_bytes=io_bytes,
             peak_flops_per_cycle=self.config.peak_flops_per_cycle,
             dram_bytes_per_cycle=self.config.dram_bytes_per_cycle,
+            bounds=unit_bounds(stream, self.config, stream.flops, io_bytes),
             schedule=sched,
             stream=stream,
         )
@@ -263,8 +355,8 @@ class NPU:
         plan = self._plans.get(key)
         if plan is None:
             shells = []
-            for i, (shape, dtype) in enumerate(signature):
-                shells.append(DeviceTensor(self, Buffer(f"in{i}", DRAM, shape, dtype, 0, 0)))
+            for name, (shape, dtype) in zip(kernel.input_names(len(signature)), signature):
+                shells.append(DeviceTensor(self, Buffer(name, DRAM, shape, dtype, 0, 0)))
             k, report = self._emit(kernel, shells, consts, execute=False)
             plan = _Plan(report, [(b.name, b.shape, b.dtype) for b in k.outputs])
             self._plans[key] = plan
@@ -282,7 +374,12 @@ class NPU:
 
     def _run_fast(self, kernel, tensors, consts):
         plan = self.plan(kernel, [(t.shape, t.dtype) for t in tensors], consts)
-        results = kernel.fast(*(t.buffer.data for t in tensors), **consts)
+        if kernel._fast_numerics:
+            # How the kernel's device-dtype tiles hold values: rounded only when they are bf16.
+            numerics = self.numerics if self.dtype == "bf16" else "fp32"
+            results = kernel.fast(*(t.buffer.data for t in tensors), numerics=numerics, **consts)
+        else:
+            results = kernel.fast(*(t.buffer.data for t in tensors), **consts)
         if results is None:  # a kernel that only updates its inputs in place
             results = []
         results = list(results) if isinstance(results, (tuple, list)) else [results]

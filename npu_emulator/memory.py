@@ -50,6 +50,16 @@ def store_value(values: np.ndarray, dtype: str, numerics: str) -> np.ndarray:
     return np.asarray(values, dtype=DTYPES[dtype][1])
 
 
+def as_stored(values, numerics: str, dtype: str = "bf16") -> np.ndarray:
+    """``values`` as an SRAM tile of ``dtype`` holds them under ``numerics`` (bf16 numerics round
+    a bf16 tile's values to bfloat16; fp32 numerics keep fp32). A numerics-aware ``fast``
+    function applies it where its tiled program passes an intermediate through such a tile,
+    so that fast and tile mode agree under both numerics."""
+    if numerics not in ("bf16", "fp32"):
+        raise ValueError(f"numerics must be 'bf16' or 'fp32', got {numerics!r}")
+    return store_value(np.asarray(values, np.float32), check_dtype(dtype), numerics)
+
+
 class Buffer:
     """A tensor placed in one memory: DRAM, an engine's local SRAM or the shared SRAM.
 
@@ -93,6 +103,9 @@ class Buffer:
 
     def region(self, offset: int, shape, strides) -> View:
         return self.view().region(offset, shape, strides)
+
+    def reshape(self, *shape) -> View:
+        return self.view().reshape(*shape)
 
     def __repr__(self):
         return f"Buffer({self.name!r}, {self.where}, shape={self.shape}, dtype={self.dtype})"
@@ -142,6 +155,32 @@ class View:
                 f"region of {self.name!r}: shape {shape} and strides {strides} differ in rank"
             )
         return View(self.buffer, self.offset + offset, shape, strides, None, {})
+
+    def reshape(self, *shape) -> View:
+        """The same elements in row-major order as ``shape`` (one entry may be -1), without a
+        copy: axes split or merge where the strides allow, as NumPy's view reshape. Raises
+        ``OutOfBoundsError`` when the elements are not laid out for it. The result is an
+        explicit region (dependency tracking sees its element interval)."""
+        shape = tuple(
+            int(s) for s in (shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
+        )
+        if shape.count(-1) == 1 and all(s > 0 or s == -1 for s in shape):
+            known = math.prod(s for s in shape if s != -1)
+            if known and self.size % known == 0:
+                shape = tuple(self.size // known if s == -1 else s for s in shape)
+        if any(s < 0 for s in shape) or math.prod(shape) != self.size:
+            raise OutOfBoundsError(
+                f"reshape of {self.name!r}: view {self.shape} ({self.size} elements) cannot become {shape}"
+            )
+        probe = np.lib.stride_tricks.as_strided(np.empty(1, np.uint8), self.shape, self.strides)
+        try:
+            strides = np.reshape(probe, shape, copy=False).strides
+        except ValueError:
+            raise OutOfBoundsError(
+                f"reshape of {self.name!r}: view {self.shape} with strides {self.strides} cannot become "
+                f"{shape} without a copy (its elements are not laid out in that order)"
+            ) from None
+        return View(self.buffer, self.offset, shape, strides, None, {})
 
     def __getitem__(self, index) -> View:
         if not isinstance(index, tuple):

@@ -19,7 +19,12 @@ units, which is what lets a double-buffered kernel overlap DMA with compute.
 When the context executes (``tile`` mode), each instruction also computes its values at once,
 in program order, with every check: SRAM contents start as NaN and reading an element that no
 instruction wrote raises. When it only traces (building the cached schedule of ``fast``
-mode), the same checks on shapes, bounds, dtypes and capacity apply, but no values move.
+mode), the same checks on shapes, bounds, dtypes and capacity apply, but no values move; with
+``verify`` (what ``NPU`` passes) it also tracks which regions instructions wrote, so that a
+read of SRAM or DRAM scratch that no earlier instruction wrote, and an output left partly
+unwritten, raise the same errors as in ``tile`` mode, once per traced shape. The regions are
+known without values, except the rows of an indirect DMA: a gather's table rows are not
+checked, and a scatter counts as writing its whole table.
 """
 
 from __future__ import annotations
@@ -99,10 +104,13 @@ class KernelContext:
         numerics: str = "bf16",
         dtype: str = "bf16",
         dram: Allocator | None = None,
+        verify: bool = False,
     ):
         self.name = name
         self.config = config
         self.execute = execute
+        # Which elements were written, by region: always when executing, on request in a trace.
+        self.track = execute or verify
         self.numerics = numerics
         self.dtype = check_dtype(dtype)  # device dtype of activations and weights
         self.engines = range(config.num_engines)
@@ -159,6 +167,7 @@ class KernelContext:
         self._inherit(allocator, buf)
         if self.execute:
             buf.data = np.full(shape, np.nan if dtype != "int32" else -1, dtype=DTYPES[dtype][1])
+        if self.track:
             buf.written = np.zeros(shape, np.bool_)
         self._buffers.append(buf)
         return buf
@@ -203,6 +212,7 @@ class KernelContext:
         buf = Buffer(name, HOST, shape, dtype, 0, math.prod(shape) * DTYPES[dtype][0])
         if self.execute:
             buf.data = np.zeros(shape, dtype=DTYPES[dtype][1])
+        if self.track:
             buf.written = np.ones(shape, np.bool_)
         return buf
 
@@ -214,6 +224,7 @@ class KernelContext:
         buf = Buffer(name, DRAM, shape, dtype, address, size)
         if self.execute:
             buf.data = np.full(shape, np.nan if dtype != "int32" else -1, dtype=DTYPES[dtype][1])
+        if self.track:
             buf.written = np.zeros(shape, np.bool_)
         self._buffers.append(buf)
         return buf
@@ -253,10 +264,11 @@ class KernelContext:
         latency, nbytes, res = dma_mod.check_dma(self.config, label, dst, src)
         path = f"{src.buffer.memory}->{dst.buffer.memory}"
         self.bytes_by_path[path] = self.bytes_by_path.get(path, 0) + nbytes
-        if self.execute:
+        if self.track:
             self._check_read(label, src)
-            dst.array()[...] = store_value(src.array(), dst.dtype, self.numerics)
-            dst.written_mask()[...] = True
+            if self.execute:
+                dst.array()[...] = store_value(src.array(), dst.dtype, self.numerics)
+            self._mark(dst)
         return self._record(
             self.first_dma_unit + queue, "dma", label, latency, nbytes, res, [src], [dst], after
         )
@@ -270,11 +282,14 @@ class KernelContext:
         cycles, flops = units.check_matmul(self.config, label, dst, a, b)
         self.flops += flops
         reads = [a, b] + ([dst] if accumulate else [])
-        if self.execute:
+        if self.track:
             for v in reads:
                 self._check_read(label, v)
+        if self.execute:
             acc = dst.array() if accumulate else None
             self._write(dst, units.do_matmul(a.array(), b.array(), acc))
+        elif self.track:
+            self._mark(dst)
         return self._record(
             3 * engine, "matmul", label, cycles, 0, 0, reads, [dst], after, hide=self.config.mac_fill_drain
         )
@@ -289,11 +304,14 @@ class KernelContext:
         engine = self._engine(label, dst, a, *([b_view] if b_view is not None else []))
         cycles = units.check_vector(self.config, label, op, dst, a, b_view if b_view is not None else b)
         reads = [a] + ([b_view] if b_view is not None else [])
-        if self.execute:
+        if self.track:
             for v in reads:
                 self._check_read(label, v)
+        if self.execute:
             bval = b_view.array() if b_view is not None else b
             self._write(dst, units.do_vector(op, a.array(), bval))
+        elif self.track:
+            self._mark(dst)
         return self._record(3 * engine + 1, f"vector.{op}", label, cycles, 0, 0, reads, [dst], after)
 
     def reduce(self, op: str, dst, src, *, after=()) -> int:
@@ -303,9 +321,12 @@ class KernelContext:
         label = f"reduce.{op} #{iid} {src.name} -> {dst.name}"
         engine = self._engine(label, dst, src)
         cycles = units.check_reduce(self.config, label, op, dst, src)
-        if self.execute:
+        if self.track:
             self._check_read(label, src)
+        if self.execute:
             self._write(dst, units.do_reduce(op, src.array()))
+        elif self.track:
+            self._mark(dst)
         return self._record(3 * engine + 1, f"reduce.{op}", label, cycles, 0, 0, [src], [dst], after)
 
     def select(
@@ -319,9 +340,12 @@ class KernelContext:
         label = f"vector.select #{iid} {src.name} -> {dst.name}"
         engine = self._engine(label, dst, src)
         cycles = units.check_select(self.config, label, dst, src)
-        if self.execute:
+        if self.track:
             self._check_read(label, src)
+        if self.execute:
             self._write(dst, units.do_select(src.array(), offset, row_coef, col_coef, fill))
+        elif self.track:
+            self._mark(dst)
         return self._record(3 * engine + 1, "vector.select", label, cycles, 0, 0, [src], [dst], after)
 
     def gather(self, dst, table, indices, *, queue: int = 0, after=()) -> int:
@@ -333,8 +357,12 @@ class KernelContext:
         label = f"gather #{iid} {table.name}[{indices.name}] -> {dst.name}"
         self._check_indirect(label, queue, table, indices, dst)
         latency, res, nbytes = self._transfer(label, table, dst)
-        if self.execute:
+        if self.track:
             self._check_read(label, indices)
+        if not self.execute:
+            if self.track:
+                self._mark(dst)  # which table rows it reads is data: checked in tile mode
+        else:
             idx = self._checked_indices(label, indices, table)
             unwritten = ~table.written_mask()[idx]
             if unwritten.any():
@@ -345,7 +373,7 @@ class KernelContext:
                 )
             rows_read = table.array()[idx]
             dst.array()[...] = store_value(rows_read, dst.dtype, self.numerics)
-            dst.written_mask()[...] = True
+            self._mark(dst)
         return self._record(
             self.first_dma_unit + queue, "gather", label, latency, nbytes, res, [indices, table], [dst], after
         )
@@ -365,9 +393,13 @@ class KernelContext:
         label = f"scatter #{iid} {src.name} -> {table.name}[{indices.name}]"
         self._check_indirect(label, queue, table, indices, src)
         latency, res, nbytes = self._transfer(label, src, table, nbytes=src.nbytes)
-        if self.execute:
+        if self.track:
             self._check_read(label, indices)
             self._check_read(label, src)
+        if not self.execute:
+            if self.track:
+                self._mark(table)  # the rows it writes are data: count the whole table
+        else:
             idx = self._checked_indices(label, indices, table)
             tab, mask = table.array(), table.written_mask()
             vals = store_value(src.array(), table.dtype, self.numerics)
@@ -439,11 +471,14 @@ class KernelContext:
             self.config, label, func, dst, src, bias_view if bias_view is not None else bias
         )
         reads = [src] + ([bias_view] if bias_view is not None else [])
-        if self.execute:
+        if self.track:
             for v in reads:
                 self._check_read(label, v)
+        if self.execute:
             bval = bias_view.array() if bias_view is not None else bias
             self._write(dst, units.do_activation(func, src.array(), scale, bval))
+        elif self.track:
+            self._mark(dst)
         return self._record(3 * engine + 2, f"activation.{func}", label, cycles, 0, 0, reads, [dst], after)
 
     # --------------------------------------------------------------- internals
@@ -463,6 +498,8 @@ class KernelContext:
         return engines.pop()
 
     def _check_read(self, label: str, view: View) -> None:
+        if view.buffer.written is None:
+            return  # an input (the host wrote it), or in a trace a buffer already written whole
         mask = view.written_mask()
         if not mask.all():
             where = tuple(int(i) for i in np.argwhere(~mask)[0])
@@ -473,7 +510,18 @@ class KernelContext:
 
     def _write(self, dst: View, values: np.ndarray) -> None:
         dst.array()[...] = store_value(values, dst.dtype, self.numerics)
-        dst.written_mask()[...] = True
+        self._mark(dst)
+
+    def _mark(self, dst: View) -> None:
+        buf = dst.buffer
+        if buf.written is None:
+            return
+        if not self.execute and _whole(dst):
+            # A trace holds no values: a buffer written whole needs no mask any more (None, as
+            # for the inputs), which makes every later read and write of it free to check.
+            buf.written = None
+        else:
+            dst.written_mask()[...] = True
 
     def _record(
         self, unit, op, label, dur, nbytes, res, reads, writes, after, hide=0, unordered=False
@@ -532,7 +580,7 @@ class KernelContext:
 
     def check_outputs_written(self) -> None:
         for buf in self.outputs:
-            if not buf.written.all():
+            if buf.written is not None and not buf.written.all():
                 where = tuple(int(i) for i in np.argwhere(~buf.written)[0])
                 raise KernelError(
                     f"kernel {self.name!r} left output {buf.name!r} {buf.shape} unwritten, "
@@ -564,6 +612,18 @@ class KernelContext:
             flops=self.flops,
             bytes_by_path=dict(self.bytes_by_path),
         )
+
+
+def _whole(view: View) -> bool:
+    """Whether ``view`` is every element of its buffer (a full slice, or a dense region)."""
+    buf = view.buffer
+    if view.axes is not None:
+        return not view.fixed and view.shape == buf.shape
+    dense, acc = [], 1
+    for n in reversed(view.shape):
+        dense.append(acc)
+        acc *= n
+    return view.offset == 0 and view.size == buf.size and view.strides == tuple(reversed(dense))
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -1,11 +1,60 @@
-"""CycleReport: what one kernel run (or a sequence of them) cost on the emulated chip."""
+"""CycleReport: what one kernel run (or a sequence of them) cost on the emulated chip.
+
+The roofline is per unit: each unit's lower bound in cycles for the work the kernel gave it,
+with the peaks read from the chip's ``NPUConfig``; the largest bound is the roofline and names
+the binding unit. No schedule beats any of them:
+
+    matrix       FLOPs / peak_flops_per_cycle (every engine's MAC array)
+    vector, sfu  the unit's instruction cycles summed over engines / num_engines (the work
+                 spread evenly; each unit runs one instruction at a time)
+    dma.q<i>     bytes queue i moves / dma_queue_bytes_per_cycle (a queue moves its bytes in order)
+    dram         compulsory DRAM bytes (inputs and outputs, or ``set_roofline_bytes``) / dram_bytes_per_cycle
+    shared_sram  bytes through the shared-SRAM ports / shared_sram_bytes_per_cycle
+    host_link    bytes over the host link / host_bytes_per_cycle
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from .dma import RES_HOST, RES_SHARED
 from .memory import DRAM
+
+# How the report prints each bound's formula.
+BOUND_FORMULAS = {
+    "matrix": "FLOPs / peak FLOPs per cycle",
+    "vector": "vector cycles / engines",
+    "sfu": "SFU cycles / engines",
+    "dram": "compulsory DRAM bytes / bandwidth",
+    "shared_sram": "shared-SRAM bytes / port bandwidth",
+    "host_link": "host bytes / link bandwidth",
+}
+
+
+def unit_bounds(stream, cfg, flops: int, io_bytes: int) -> dict[str, float]:
+    """Each unit's lower bound in cycles (see the module docstring) for an instruction stream
+    scheduled on ``cfg``; DMA queues and optional resources appear only when used."""
+    # DRAM and matrix first: on a tie the classic roofline's terms are named binding.
+    bounds = {"dram": io_bytes / cfg.dram_bytes_per_cycle, "matrix": flops / cfg.peak_flops_per_cycle}
+    unit, dur = stream.unit, stream.dur
+    engine_part = unit < stream.first_dma_unit
+    kinds = unit % 3
+    for kind, name in ((1, "vector"), (2, "sfu")):
+        bounds[name] = float(dur[engine_part & (kinds == kind)].sum()) / cfg.num_engines
+    q_bytes = np.bincount(unit[~engine_part] - stream.first_dma_unit, stream.nbytes[~engine_part])
+    for q in np.flatnonzero(q_bytes):
+        bounds[f"dma.q{q}"] = float(q_bytes[q]) / cfg.dma_queue_bytes_per_cycle
+    for flag, name, rate in (
+        (RES_SHARED, "shared_sram", cfg.shared_sram_bytes_per_cycle),
+        (RES_HOST, "host_link", cfg.host_bytes_per_cycle),
+    ):
+        moved = float(stream.nbytes[(stream.res & flag) != 0].sum())
+        if moved:
+            bounds[name] = moved / rate
+    return bounds
 
 
 def _fmt_bytes(n: float) -> str:
@@ -33,6 +82,9 @@ class CycleReport:
     io_bytes: int  # bytes of the kernel's DRAM inputs and outputs: the compulsory traffic
     peak_flops_per_cycle: int
     dram_bytes_per_cycle: float
+    # unit -> lower bound in cycles (``unit_bounds``); None (a report saved before there were
+    # per-unit bounds) means the matrix and DRAM bounds only.
+    bounds: dict[str, float] | None = None
     schedule: object = field(default=None, compare=False, repr=False)
     stream: object = field(default=None, compare=False, repr=False)
 
@@ -56,9 +108,22 @@ class CycleReport:
         return self.io_bytes / self.dram_bytes_per_cycle
 
     @property
+    def unit_bounds(self) -> dict[str, float]:
+        """Each unit's lower bound in cycles (see the module docstring)."""
+        if self.bounds is None:
+            return {"dram": self.memory_bound_cycles, "matrix": self.compute_bound_cycles}
+        return self.bounds
+
+    @property
+    def binding_unit(self) -> str:
+        """The unit whose bound is the roofline (the first listed on ties)."""
+        bounds = self.unit_bounds
+        return max(bounds, key=lambda u: bounds[u])
+
+    @property
     def roofline_cycles(self) -> float:
-        """max(FLOPs / peak FLOPs per cycle, compulsory DRAM bytes / DRAM bytes per cycle)."""
-        return max(self.compute_bound_cycles, self.memory_bound_cycles)
+        """The largest per-unit lower bound: the binding unit's."""
+        return max(self.unit_bounds.values())
 
     @property
     def pct_of_roofline(self) -> float:
@@ -85,6 +150,8 @@ class CycleReport:
             "io_bytes": self.io_bytes,
             "roofline_cycles": self.roofline_cycles,
             "pct_of_roofline": self.pct_of_roofline,
+            "binding_unit": self.binding_unit,
+            "unit_bounds": dict(self.unit_bounds),
             "utilisation": self.utilisation(),
             "bytes_by_path": dict(self.bytes_by_path),
             "peak_local_sram": max(self.peak_local_sram, default=0),
@@ -108,6 +175,10 @@ class CycleReport:
         if not reports:
             raise ValueError("CycleReport.sequence needs at least one report")
         first = reports[0]
+        bounds: dict[str, float] = {}  # lower bounds of kernels run one after another add up
+        for r in reports:
+            for u, b in r.unit_bounds.items():
+                bounds[u] = bounds.get(u, 0.0) + b
         busy: dict[str, int] = {}
         paths: dict[str, int] = {}
         instr: dict[str, int] = {}
@@ -131,6 +202,7 @@ class CycleReport:
             io_bytes=sum(r.io_bytes for r in reports),
             peak_flops_per_cycle=first.peak_flops_per_cycle,
             dram_bytes_per_cycle=first.dram_bytes_per_cycle,
+            bounds=bounds,
         )
 
     # ------------------------------------------------------------- printing
@@ -140,11 +212,18 @@ class CycleReport:
             f"CycleReport {self.name!r} on {self.npu} ({self.clock_hz / 1e9:g} GHz)",
             f"  total            {self.cycles:>14,} cycles  {self.time_us:>12,.3f} us",
             f"  roofline         {math.ceil(self.roofline_cycles):>14,} cycles  "
-            f"{self.pct_of_roofline:>11.1f} %   = max(FLOPs / peak, DRAM bytes / bandwidth)",
-            f"    compute bound  {math.ceil(self.compute_bound_cycles):>14,} cycles  "
-            f"({self.flops:,} FLOP / {self.peak_flops_per_cycle:,} FLOP/cycle)",
-            f"    memory bound   {math.ceil(self.memory_bound_cycles):>14,} cycles  "
-            f"({self.io_bytes:,} B / {self.dram_bytes_per_cycle:g} B/cycle)",
+            f"{self.pct_of_roofline:>11.1f} %   = max over units of their bounds; binding: {self.binding_unit}",
+        ]
+        bounds = sorted(self.unit_bounds.items(), key=lambda ub: -ub[1])
+        queues = [u for u, _ in bounds if u.startswith("dma.")]
+        for u, b in bounds:
+            if u.startswith("dma.") and u != queues[0]:
+                continue  # the busiest queue stands for them all
+            formula = BOUND_FORMULAS.get(
+                u, f"the busiest of {len(queues)} queues used: bytes / queue bandwidth"
+            )
+            lines.append(f"    {u + ' bound':<17}{math.ceil(b):>10,} cycles  ({formula})")
+        lines += [
             "",
             f"  {'unit':<18}{'busy cycles':>14}{'util':>8}",
         ]

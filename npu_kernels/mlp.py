@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npu_emulator import Kernel, KernelError, NPUConfig
+from npu_emulator import Kernel, KernelError, NPUConfig, as_stored
 from npu_emulator.program import ceil_div, tiles
 
 from . import hostmath
@@ -79,14 +79,15 @@ def siglip_mlp_reference(x, w1, b1, w2, b2, **_) -> np.ndarray:
     return h @ w2.astype(np.float64) + b2.astype(np.float64)
 
 
-def geglu_mlp_fast(x, w_gate, w_up, w_down, **_) -> np.ndarray:
+def geglu_mlp_fast(x, w_gate, w_up, w_down, *, numerics: str = "fp32", **_) -> np.ndarray:
     g = hostmath.matmul(x, w_gate)
     u = hostmath.matmul(x, w_up)
-    return hostmath.matmul(geglu_fast(g, u), w_down)
+    h = as_stored(geglu_fast(g, u), numerics)  # the tiled program keeps h in the device dtype
+    return hostmath.matmul(h, w_down)
 
 
-def siglip_mlp_fast(x, w1, b1, w2, b2, **_) -> np.ndarray:
-    h = bias_activation_fast(hostmath.matmul(x, w1), b1, "gelu_tanh")
+def siglip_mlp_fast(x, w1, b1, w2, b2, *, numerics: str = "fp32", **_) -> np.ndarray:
+    h = as_stored(bias_activation_fast(hostmath.matmul(x, w1), b1, "gelu_tanh"), numerics)
     return bias_activation_fast(hostmath.matmul(h, w2), b2, None)
 
 

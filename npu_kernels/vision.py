@@ -79,12 +79,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npu_emulator import Kernel, KernelError
+from npu_emulator import Kernel, KernelError, as_stored
 from npu_emulator.memory import itemsize
 from npu_emulator.program import ceil_div, tiles
 
 from .common import fastest, interleave, split, trace_cycles
-from .norms import rmsnorm_fast
 
 
 def _queues(cfg, engine: int) -> list[int]:
@@ -434,13 +433,18 @@ def mm_projector_reference(x, norm_w, w, *, pool: int, eps: float = 1e-6) -> np.
     return normed @ w.astype(np.float64)
 
 
-def mm_projector_fast(x, norm_w, w, *, pool: int, eps: float = 1e-6) -> np.ndarray:
+def mm_projector_fast(x, norm_w, w, *, pool: int, eps: float = 1e-6, numerics: str = "fp32") -> np.ndarray:
+    """The tiled program's split RMSNorm on whole arrays: the window sums S and the operand
+    S * (1 + norm_w) pass through bf16 tiles (rounded as the device does under ``numerics``),
+    the per-token scale rsqrt(sum(S^2) / Dv + eps * pool^4) multiplies the fp32 product."""
     n, dv = x.shape
     g = math.isqrt(n)
     gp = g // pool
     grid = np.asarray(x, np.float32).reshape(gp, pool, gp, pool, dv)
-    tokens = grid.sum(axis=(1, 3), dtype=np.float32).reshape(gp * gp, dv) / np.float32(pool * pool)
-    return np.matmul(rmsnorm_fast(tokens, norm_w, eps=eps), np.asarray(w, np.float32))
+    sums = as_stored(grid.sum(axis=(1, 3), dtype=np.float32).reshape(gp * gp, dv), numerics)
+    operand = as_stored(sums * (np.float32(1.0) + np.asarray(norm_w, np.float32)), numerics)
+    scale = 1.0 / np.sqrt(np.einsum("td,td->t", sums, sums) / np.float32(dv) + np.float32(eps * pool**4))
+    return np.matmul(operand, np.asarray(w, np.float32)) * scale.astype(np.float32)[:, None]
 
 
 @dataclass(frozen=True)

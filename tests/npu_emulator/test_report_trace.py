@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -78,3 +79,48 @@ def test_sequence_trace_lays_kernels_end_to_end(tmp_path):
     slices = [e for e in doc["traceEvents"] if e["ph"] == "X" and e.get("cat") != "kernel"]
     assert len(slices) == 2 * len(r1.stream) + len(r2.stream)
     assert max(e["ts"] + e["dur"] for e in slices) <= doc["otherData"]["cycles"] * us + 1e-9
+
+
+def test_roofline_takes_every_units_bound_and_names_the_binding_one():
+    cfg = TINY.replace(name="tiny2", num_engines=2)
+
+    def emit(k, x, *, queues=(0, 1, 2, 3), exps=1):
+        """Each engine loads half of x, applies exp ``exps`` times, stores it back."""
+        out = k.output(x.shape)
+        half = x.shape[0] // 2
+        for e in range(2):
+            t = k.alloc((half, x.shape[1]), engine=e)
+            rows = slice(e * half, (e + 1) * half)
+            k.dma(t, x[rows], queue=queues[2 * e])
+            for _ in range(exps):
+                k.activation("exp", t, t, scale=0.5)
+            k.dma(out[rows], t, queue=queues[2 * e + 1])
+        return out
+
+    x = np.zeros((16, 64), np.float32)
+    kernel = Kernel("probe", emit, None)
+    npu = NPU(cfg)
+    spread = npu.plan(kernel, [(x.shape, "bf16")], {}).report
+    nbytes = x.size * 2
+    sfu = 2 * 4 * (cfg.sfu_latency + 8 * 64 / cfg.sfu_lanes) / 2  # 4 exps per engine, / engines
+    assert spread.unit_bounds == {
+        "dram": 2 * nbytes / cfg.dram_bytes_per_cycle,
+        "matrix": 0.0,
+        "vector": 0.0,
+        "sfu": spread.unit_bounds["sfu"],
+        **{f"dma.q{q}": nbytes / 2 / cfg.dma_queue_bytes_per_cycle for q in range(4)},
+    }
+    many = npu.plan(kernel, [(x.shape, "bf16")], {"exps": 4}).report
+    assert many.unit_bounds["sfu"] == sfu and many.binding_unit == "sfu"
+    assert many.roofline_cycles == sfu and many.pct_of_roofline == 100 * sfu / many.cycles
+    # Every engine on one queue: that queue's bytes bind, and the report says so.
+    shared = npu.plan(kernel, [(x.shape, "bf16")], {"queues": (0, 0, 0, 0)}).report
+    assert shared.binding_unit == "dma.q0"
+    assert shared.roofline_cycles == 2 * nbytes / cfg.dma_queue_bytes_per_cycle <= shared.cycles
+    assert "binding: dma.q0" in str(shared) and shared.to_dict()["binding_unit"] == "dma.q0"
+    # Bounds of kernels run one after another add up; old saved reports keep matrix and DRAM.
+    both = CycleReport.sequence("both", [many, shared])
+    assert both.unit_bounds["sfu"] == sfu + shared.unit_bounds["sfu"]
+    assert both.unit_bounds["dma.q0"] == many.unit_bounds["dma.q0"] + shared.unit_bounds["dma.q0"]
+    old = dataclasses.replace(spread, bounds=None)  # saved before reports had per-unit bounds
+    assert old.unit_bounds == {"dram": spread.unit_bounds["dram"], "matrix": 0.0}

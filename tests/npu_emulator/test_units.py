@@ -91,7 +91,7 @@ def test_gather_moves_the_indexed_rows_and_costs_their_bytes():
 
 def test_gather_index_out_of_range_names_it():
     table = np.zeros((10, 4), np.float32)
-    with pytest.raises(OutOfBoundsError, match=r"index 10 at row 1 is outside table 'in0' of 10 rows"):
+    with pytest.raises(OutOfBoundsError, match=r"index 10 at row 1 is outside table 'table' of 10 rows"):
         NPU(TINY, mode="tile").run(gather_kernel(), table, np.array([0, 10], np.int32))
 
 

@@ -190,7 +190,7 @@ def test_dram_traffic_is_the_L_slots_once(shape, cfg):
     assert rep.bytes_by_path["local->dram"] == b * hq * hd * 2
     # The roofline counts those bytes, not the whole (B, Hkv, S, hd) caches.
     assert rep.io_bytes == reads + b * hq * hd * 2 == rep.dram_bytes
-    assert rep.roofline_cycles == roofline_moved(rep, cfg)
+    assert max(rep.unit_bounds["matrix"], rep.unit_bounds["dram"]) == roofline_moved(rep, cfg)
     assert rep.cycles >= roofline_moved(rep, cfg)
 
 
