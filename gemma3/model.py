@@ -220,17 +220,23 @@ class Gemma3OnNPU:
             cost.reports.clear()
             cost.seconds = 0.0
 
-    def prefill(self, b: int, ids: np.ndarray, images=()) -> np.ndarray:
+    def prefill(self, b: int, ids: np.ndarray, images=(), embeds=None, hidden_states=None) -> np.ndarray:
         """Prefill sequence ``b`` with ``ids`` (its real tokens); return last-token logits (V,).
 
         ``images``: (start, features) per image, in order: the image's soft tokens are
         ``ids[start : start + T]`` and their rows are ``features`` (T, hidden) instead of
-        embeddings (module docstring). Without images this is the text model's prefill."""
+        embeddings (module docstring). Without images this is the text model's prefill.
+        ``embeds`` (n, hidden): the text rows themselves in place of the embedding lookup
+        (``use_inputs_embeds``). ``hidden_states``: a list that receives the embeddings and
+        every layer's output over the n tokens, each (n, hidden)."""
         c = self.c
         n = len(ids)
         if n > self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
         images = self._check_images(n, images)
+        if embeds is not None and np.shape(embeds) != (n, c.hidden_size):
+            raise ValueError(f"embeds {np.shape(embeds)} must be ({n}, {c.hidden_size}): one row per token")
+        layers = [[] for _ in range(c.num_hidden_layers + 1)] if hidden_states is not None else None
         logits = None
         for start, valid, size, features in self._chunks(n, images):
             phase = "prefill" if features is None else IMAGE_PREFILL
@@ -241,7 +247,11 @@ class Gemma3OnNPU:
             if features is None:
                 chunk_ids = np.zeros(size, np.int64)
                 chunk_ids[:valid] = ids[start : start + valid]
-                x = self._embed(phase, chunk_ids)
+                if embeds is None:
+                    x = self._embed(phase, chunk_ids)
+                else:  # embedded on the host, as the real runtime's inputs_embeds prefill
+                    x = np.zeros((size, c.hidden_size), np.float32)
+                    x[:valid] = embeds[start : start + valid]
                 blocks = ()
             else:  # the image's features replace the embeddings of its soft tokens
                 x = features
@@ -249,11 +259,17 @@ class Gemma3OnNPU:
 
             attend = self._chunk_attention(phase, b, start, valid, positions, blocks)
             for i in range(c.num_hidden_layers):
+                if layers is not None:
+                    layers[i].append(np.array(x[:valid], np.float32))
                 x = self._layer(phase, i, x, positions, attend)
+            if layers is not None:
+                layers[-1].append(np.array(x[:valid], np.float32))
             if start + valid == n:
                 logits = self._logits(phase, x[valid - 1 : valid])[0]
             self.cost[phase].seconds += time.perf_counter() - t0
         self.positions[b] = n
+        if layers is not None:
+            hidden_states.extend(np.concatenate(rows) for rows in layers)
         return logits
 
     def _chunk_attention(self, phase, b, start, valid, positions, blocks):
