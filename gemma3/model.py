@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-from npu_emulator import NPU, CycleReport, EmulatorError
+from npu_emulator import NPU, Buffer, CycleReport, DeviceTensor, EmulatorError
+from npu_emulator.memory import DRAM
 from npu_kernels.attention_decode import attention_decode, decode_kv_tile
 from npu_kernels.attention_prefill import attention_prefill
 from npu_kernels.embedding import embedding
@@ -199,10 +200,11 @@ class Gemma3OnNPU:
             phase, embedding, ids.astype(np.int32), self.weights["embed"], scale=self.c.embed_scale
         )
 
-    def _write_cache(self, phase, i, b0, k, v, positions):
-        """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T)."""
+    def _write_cache(self, phase, i, b0, k, v, positions, caches=None):
+        """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T) (of ``caches``, by
+        default layer i's)."""
         c = self.c
-        k_cache, v_cache = self.caches[i]
+        k_cache, v_cache = caches or self.caches[i]
         slots = positions % self.window if self.ring(i) else positions  # (B', T)
         hkv, s = c.num_key_value_heads, k_cache.shape[2]
         seq = np.arange(b0, b0 + k.shape[0])[:, None, None]
@@ -348,16 +350,23 @@ class Gemma3OnNPU:
                 pos = start + len(features)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """One token per sequence of the batch; return logits (B, V)."""
+        """One token per sequence of the first B batch rows (B = len(tokens): the compiled
+        ``batch_size`` or one of ``decoder_batch_sizes``, the decoder compiled for B rows, which
+        reads the caches of those rows); return logits (B, V)."""
         c = self.c
-        pos = self.positions.copy()
+        n = len(tokens)
+        if n not in (self.rbln.decoder_batch_sizes or [self.rbln.batch_size]):
+            raise ValueError(
+                f"decode of {n} rows: the decoders are compiled for {self.rbln.decoder_batch_sizes} rows"
+            )
+        pos = self.positions[:n].copy()
         if (pos >= self.max_seq_len).any():
             raise ValueError(f"a sequence reached max_seq_len {self.max_seq_len}")
         x = self._embed("decode", np.asarray(tokens))
 
         def attend(i, q, k, v):
-            k_cache, v_cache = self.caches[i]
-            self._write_cache("decode", i, 0, k[:, None], v[:, None], pos[:, None])
+            k_cache, v_cache = (self._rows(t, n) for t in self.caches[i])
+            self._write_cache("decode", i, 0, k[:, None], v[:, None], pos[:, None], (k_cache, v_cache))
             slots = k_cache.shape[2]
             reach = int(min(pos.max() + 1, slots))
             length = min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
@@ -375,8 +384,20 @@ class Gemma3OnNPU:
 
         for i in range(c.num_hidden_layers):
             x = self._layer("decode", i, x, pos, attend)
-        self.positions += 1
+        self.positions[:n] += 1
         return self._logits("decode", x)
+
+    def _rows(self, cache: DeviceTensor, n: int) -> DeviceTensor:
+        """The first ``n`` sequences of a cache (B, Hkv, S, hd): a view of the same DRAM (rows
+        are contiguous), as a decoder compiled for n rows addresses it."""
+        if n == cache.shape[0]:
+            return cache
+        b = cache.buffer
+        shape = (n, *b.shape[1:])
+        view = Buffer(
+            f"{b.name}[:{n}]", DRAM, shape, b.dtype, b.address, b.nbytes // b.shape[0] * n, data=b.data[:n]
+        )
+        return DeviceTensor(self.npu, view)
 
     def plan_all(self) -> None:
         """Compile: plan every kernel at the model's static shapes and check each fits SRAM.
@@ -385,22 +406,19 @@ class Gemma3OnNPU:
         the attention kernels are also planned at their largest (the last prefill chunk
         against a full global cache, decode over the whole cache). Plans for the shapes in
         between are made when first used and saved with the model."""
-        b = self.rbln.batch_size
-        steps = [
-            lambda: self.prefill(0, np.zeros(1, np.int64)),
-            lambda: self.decode(np.zeros(b, np.int64)),
-            self.reset,
-            self._plan_largest_attention,
-        ]
+        decoders = self.rbln.decoder_batch_sizes or []  # none: compiled without the decode phase
+        steps = [lambda: self.prefill(0, np.zeros(1, np.int64))]
+        steps += [lambda b=b: self.decode(np.zeros(b, np.int64)) for b in decoders]
+        steps += [self.reset, self._plan_largest_attention]
         for step in progress(steps, "compiling"):
             step()
 
     def _plan_largest_attention(self) -> None:
-        c, b = self.c, self.rbln.batch_size
+        c = self.c
         chunk = self.rbln.prefill_chunk_size
         self._plan_prefill_attention(chunk, (self.max_seq_len - 1) // chunk * chunk)
-        for i in self._one_layer_per_type():
-            cache = (self.caches[i][0].shape, self.caches[i][0].dtype)
+        for b, i in ((b, i) for b in self.rbln.decoder_batch_sizes or [] for i in self._one_layer_per_type()):
+            cache = ((b, *self.caches[i][0].shape[1:]), self.caches[i][0].dtype)
             slots = cache[0][2]
             self._plan(
                 attention_decode,

@@ -411,7 +411,9 @@ class NPUGemma3PreTrainedModel:
         rt = self.runtime
         rt.reset()
         timer = {"prefill": 0.0, "decode": 0.0, "steps": 0}
-        static_batch = self.rbln_config.batch_size
+        # The decoder compiled for the smallest batch that holds this one (decoder_batch_sizes, as
+        # Optimum RBLN's runtime picks it): the batch is padded to it, and costs what it costs.
+        decoder_batch = min(s for s in self._lm_config.decoder_batch_sizes if s >= batch)
 
         def prefill(input_ids, attention_mask):
             t = time.perf_counter()
@@ -425,7 +427,7 @@ class NPUGemma3PreTrainedModel:
 
         def decode(tokens):
             t = time.perf_counter()
-            full = np.zeros(static_batch, np.int64)
+            full = np.zeros(decoder_batch, np.int64)
             full[:batch] = tokens
             logits = rt.decode(full)[:batch]
             timer["decode"] += time.perf_counter() - t

@@ -377,8 +377,8 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
     kvcache_num_blocks: int | None = None  # blocks in the cache; at least one sequence's worth per batch row
     quantization: dict | None = None  # Optimum RBLN's quantization dict, checked; not emulated
     lora_config: dict | None = None  # LoRA adapters (issue 12)
-    decoder_batch_sizes: list[int] | None = None  # one compiled decoder per size; default [batch_size]
-    cache_impl: str = "static"  # "static", "sliding_window" or "hybrid"; Gemma3 runs hybrid (config.json)
+    decoder_batch_sizes: list[int] | None = None  # one decoder per size, a batch padded to the next
+    cache_impl: str = "static"  # "static", "sliding_window", "hybrid": stored; caches follow layer_types
     sliding_window: int | None = None  # window of the sliding layers; must match config.json when set
     sliding_window_layers: list[int] = field(default_factory=list)  # ditto, the sliding layers' indices
     phases: list[str] = field(default_factory=lambda: ["prefill", "decode"])  # phases compiled

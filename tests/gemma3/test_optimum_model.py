@@ -418,3 +418,28 @@ def test_zoo_image_text_flow_matches_transformers(image_ckpt, tmp_path):
     with torch.no_grad():
         ref = hf(**inputs).logits[:, -1:]
     assert logits.shape == ref.shape and (logits - ref).abs().max() / ref.abs().max() <= TOL
+
+
+def test_decoder_batch_sizes_pad_to_the_next_decoder_and_cost_its_size(text, variants):
+    root, hf, batch2 = text
+    batch1 = variants[0]  # compiled for one sequence (its extra fields change nothing in decode)
+    model = RBLNGemma3ForCausalLM.from_pretrained(
+        root / "ckpt", rbln_config={**TEXT, "batch_size": 2, "decoder_batch_sizes": [1]}, **CHIP
+    )
+    assert model.rbln_config.decoder_batch_sizes == [2, 1]
+    assert list(model.compiled_models) == ["prefill", "decoder_batch_2", "decoder_batch_1"]
+    one = torch.tensor([[2, 40, 41, 42, 43]])
+    out = model.generate(one, max_new_tokens=6)
+    np.testing.assert_array_equal(out.numpy(), greedy(hf, {"input_ids": one}, 6).numpy())
+    decode_1 = model.last_report.decode.cycles
+    batch1.generate(one, max_new_tokens=6)
+    assert decode_1 == batch1.last_report.decode.cycles  # one sequence runs the 1-row decoder
+    two = torch.tensor([[2, 40, 41, 42, 43], [2, 50, 51, 52, 53]])
+    np.testing.assert_array_equal(
+        model.generate(two, max_new_tokens=6).numpy(), greedy(hf, {"input_ids": two}, 6).numpy()
+    )
+    decode_2 = model.last_report.decode.cycles
+    batch2.generate(two, max_new_tokens=6)
+    assert decode_2 == batch2.last_report.decode.cycles > decode_1
+    batch2.generate(one, max_new_tokens=6)  # no 1-row decoder: padded to 2 rows, costs 2 rows
+    assert batch2.last_report.decode.cycles == decode_2
