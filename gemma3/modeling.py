@@ -41,6 +41,8 @@ from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
 COMPILED = "compiled"
+# Language-model fields that choose which graphs are compiled and what they take and return.
+GRAPH_FIELDS = ("decoder_batch_sizes", "phases", "use_inputs_embeds", "output_hidden_states")
 WEIGHTS = "weights.safetensors"
 MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)
 
@@ -651,6 +653,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
     @classmethod
     def _compiled_fields(cls, rbln) -> dict:
         fields = {f: getattr(rbln, f) for f in ("batch_size", "max_seq_len", "prefill_chunk_size")}
+        fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS})
         return {**fields, "npu": rbln.npu_config}  # the chip itself, however it was named
 
     def _config_json(self) -> dict:

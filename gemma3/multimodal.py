@@ -36,6 +36,7 @@ from npu_emulator import CycleReport
 from .config import Gemma3TextConfig, read_json
 from .model import IMAGE_PREFILL, Gemma3OnNPU
 from .modeling import (
+    GRAPH_FIELDS,
     GenerationReport,
     NPUGemma3PreTrainedModel,
     _to_numpy,
@@ -208,6 +209,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
             "npu": rbln.npu_config,
             "language_model.max_seq_len": lm.max_seq_len,
             "language_model.prefill_chunk_size": lm.prefill_chunk_size,
+            **{f"language_model.{f}": getattr(lm, f) for f in GRAPH_FIELDS},
         }
 
     def _plan_all(self):

@@ -6,6 +6,7 @@ what each rbln_config field does to a model. The NPU runs with fp32 numerics: th
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,12 @@ def test_compiled_load_keeps_compiled_fields_and_takes_runtime_ones(text):
     assert model.rbln_config.max_seq_len == 256 and model.rbln_config.batch_size == 2
     with pytest.raises(ValueError, match=r"was compiled with other \['max_seq_len'\]"):
         RBLNAutoModelForCausalLM.from_pretrained(root / "compiled", rbln_config={"max_seq_len": 128})
+    with pytest.raises(
+        ValueError, match=r"was compiled with other \['decoder_batch_sizes', 'use_inputs_embeds'\]"
+    ):
+        RBLNAutoModelForCausalLM.from_pretrained(
+            root / "compiled", rbln_decoder_batch_sizes=[1], rbln_use_inputs_embeds=True
+        )
     with pytest.raises(ValueError, match=r"makes \['gemma3'\], not model_type 'gemma3_text'|gemma3_text"):
         RBLNAutoModelForImageTextToText.from_pretrained(root / "ckpt", **CHIP)
 
@@ -325,8 +332,13 @@ def test_without_transformers_everything_still_works(text):
         )))
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    root_of_repo = (
+        pathlib.Path(__file__).resolve().parents[2]
+    )  # this checkout's packages, not an installed one
+    env = {**os.environ, "PYTHONPATH": str(root_of_repo)}
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=root_of_repo
+    )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
     vocab = text[1].config.vocab_size
