@@ -358,3 +358,19 @@ def test_normalize_is_the_one_way_in(tmp_path):
         )
     with pytest.raises(TypeError, match="rbln_config must be a dict, a NPUGemma3ForCausalLMConfig or a path"):
         normalize(C, 42)
+
+
+def test_vision_tower_fields():
+    v = RBLNSiglipVisionModelConfig(output_hidden_states=True, output_attentions=True)
+    assert (v.batch_size, v.interpolate_pos_encoding, v.output_hidden_states, v.output_attentions) == (
+        1,
+        False,
+        True,
+        True,
+    )
+    with pytest.raises(
+        NotImplementedError, match="interpolate_pos_encoding: images other than the checkpoint's"
+    ):
+        RBLNSiglipVisionModelConfig(interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="batch_size must be 1 for the vision tower"):
+        RBLNSiglipVisionModelConfig(2)

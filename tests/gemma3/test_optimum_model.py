@@ -455,3 +455,21 @@ def test_decoder_batch_sizes_pad_to_the_next_decoder_and_cost_its_size(text, var
     assert decode_2 == batch2.last_report.decode.cycles > decode_1
     batch2.generate(one, max_new_tokens=6)  # no 1-row decoder: padded to 2 rows, costs 2 rows
     assert batch2.last_report.decode.cycles == decode_2
+
+
+def test_model_save_dir_and_auto_from_model(text, tmp_path):
+    root, hf, model = text
+    ids = np.array([[2, 40, 41, 42]])
+    want = model.generate(ids, max_new_tokens=4)
+    saved = RBLNGemma3ForCausalLM.from_pretrained(
+        root / "ckpt", model_save_dir=tmp_path / "kept", rbln_config={**TEXT, "batch_size": 2}, **CHIP
+    )
+    assert (
+        saved.model_save_dir == str(tmp_path / "kept") and (tmp_path / "kept" / "rbln_config.json").exists()
+    )
+    np.testing.assert_array_equal(
+        RBLNAutoModelForCausalLM.from_pretrained(tmp_path / "kept").generate(ids, max_new_tokens=4), want
+    )
+    converted = RBLNAutoModelForCausalLM.from_model(hf, rbln_config={**TEXT, "batch_size": 2}, **CHIP)
+    assert isinstance(converted, RBLNGemma3ForCausalLM)
+    np.testing.assert_array_equal(converted.generate(ids, max_new_tokens=4), want)
