@@ -89,10 +89,10 @@ class _AutoModel:
 
 
 class RBLNAutoModelForCausalLM(_AutoModel):
-    """Text generation: a text-only Gemma3 checkpoint (``gemma3_text``) or compiled model. (An
-    image+text ``gemma3`` checkpoint is ``RBLNAutoModelForImageTextToText``'s.)"""
+    """Text generation: a Gemma3 checkpoint or compiled model, text-only (``gemma3_text``) or
+    image+text (``gemma3``), as transformers' AutoModelForCausalLM maps them."""
 
-    MAPPING = {"gemma3_text": NPUGemma3ForCausalLM}
+    MAPPING = {"gemma3_text": NPUGemma3ForCausalLM, "gemma3": NPUGemma3ForConditionalGeneration}
     task = "causal language modelling"
 
 

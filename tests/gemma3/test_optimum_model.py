@@ -231,8 +231,14 @@ def test_compiled_load_keeps_compiled_fields_and_takes_runtime_ones(text):
         RBLNAutoModelForCausalLM.from_pretrained(
             root / "compiled", rbln_decoder_batch_sizes=[1], rbln_use_inputs_embeds=True
         )
-    with pytest.raises(ValueError, match=r"makes \['gemma3'\], not model_type 'gemma3_text'|gemma3_text"):
+    with pytest.raises(
+        ValueError, match=r"ckpt/config.json has model_type 'gemma3_text'; .* makes \['gemma3'\]"
+    ):
         RBLNAutoModelForImageTextToText.from_pretrained(root / "ckpt", **CHIP)
+    with pytest.raises(
+        ValueError, match=r"rbln_config.json names RBLNGemma3ForCausalLMConfig, which .* does not make"
+    ):
+        RBLNAutoModelForImageTextToText.from_pretrained(root / "compiled")
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +422,7 @@ def test_zoo_image_text_flow_matches_transformers(image_ckpt, tmp_path):
     # the inference script
     model = RBLNAutoModelForImageTextToText.from_pretrained(str(tmp_path / "compiled"), export=False)
     assert isinstance(model, RBLNGemma3ForConditionalGeneration)
+    assert RBLNAutoModelForCausalLM.get_rbln_cls(tmp_path / "compiled") is RBLNGemma3ForConditionalGeneration
     processor = transformers.AutoProcessor.from_pretrained(tmp_path / "compiled")
     inputs = chat_inputs(processor)
     out = model.generate(**inputs, max_new_tokens=NEW)
