@@ -5,8 +5,11 @@ model = RBLNGemma3ForCausalLM.from_pretrained("gemma3-dir", rbln_max_seq_len=512
 
 from gemma3 import RBLNGemma3ForConditionalGeneration   # image+text; or NPUGemma3ForConditionalGeneration
 model = RBLNGemma3ForConditionalGeneration.from_pretrained("gemma3-4b-dir")
+
+from gemma3 import RBLNAutoModelForImageTextToText       # the class picked from the directory
 """
 
+from .auto import RBLNAutoConfig, RBLNAutoModelForCausalLM, RBLNAutoModelForImageTextToText
 from .modeling import NPUGemma3ForCausalLM, RBLNGemma3ForCausalLM
 from .multimodal import NPUGemma3ForConditionalGeneration, RBLNGemma3ForConditionalGeneration
 from .processor import Gemma3Processor
@@ -26,6 +29,9 @@ __all__ = [
     "NPUGemma3ForConditionalGeneration",
     "NPUGemma3ForConditionalGenerationConfig",
     "NPUSiglipVisionModelConfig",
+    "RBLNAutoConfig",
+    "RBLNAutoModelForCausalLM",
+    "RBLNAutoModelForImageTextToText",
     "RBLNGemma3ForCausalLM",
     "RBLNGemma3ForCausalLMConfig",
     "RBLNGemma3ForConditionalGeneration",

@@ -487,7 +487,18 @@ class GenerateOutput:
     scores: tuple | None = None
 
     def __getitem__(self, key):
+        if isinstance(key, (int, slice)):  # transformers' ModelOutput: the fields that are set, in order
+            return self.to_tuple()[key]
+        if key not in self.keys():
+            raise KeyError(key)
         return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        """The fields that are set (not None), in order, as transformers' ModelOutput."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
 
 
 def generate_loop(

@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from npu_emulator import NPU, CycleReport, EmulatorError
+from npu_emulator import NPU, Buffer, CycleReport, DeviceTensor, EmulatorError
+from npu_emulator.memory import DRAM
 from npu_kernels.attention_decode import attention_decode, decode_kv_tile
 from npu_kernels.attention_prefill import attention_prefill
 from npu_kernels.embedding import embedding
@@ -203,10 +204,11 @@ class Gemma3OnNPU:
             phase, embedding, ids.astype(np.int32), self.weights["embed"], scale=self.c.embed_scale
         )
 
-    def _write_cache(self, phase, i, b0, k, v, positions):
-        """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T)."""
+    def _write_cache(self, phase, i, b0, k, v, positions, caches=None):
+        """k, v (B', T, Hkv, hd) for batch rows b0.. at positions (B', T) (of ``caches``, by
+        default layer i's)."""
         c = self.c
-        k_cache, v_cache = self.caches[i]
+        k_cache, v_cache = caches or self.caches[i]
         hkv, s = c.num_key_value_heads, k_cache.shape[2]
         slots = positions % s if self.ring(i) else positions  # (B', T)
         seq = np.arange(b0, b0 + k.shape[0])[:, None, None]
@@ -224,17 +226,23 @@ class Gemma3OnNPU:
             cost.reports.clear()
             cost.seconds = 0.0
 
-    def prefill(self, b: int, ids: np.ndarray, images=()) -> np.ndarray:
+    def prefill(self, b: int, ids: np.ndarray, images=(), embeds=None, hidden_states=None) -> np.ndarray:
         """Prefill sequence ``b`` with ``ids`` (its real tokens); return last-token logits (V,).
 
         ``images``: (start, features) per image, in order: the image's soft tokens are
         ``ids[start : start + T]`` and their rows are ``features`` (T, hidden) instead of
-        embeddings (module docstring). Without images this is the text model's prefill."""
+        embeddings (module docstring). Without images this is the text model's prefill.
+        ``embeds`` (n, hidden): the text rows themselves in place of the embedding lookup
+        (``use_inputs_embeds``). ``hidden_states``: a list that receives the embeddings and
+        every layer's output over the n tokens, each (n, hidden)."""
         c = self.c
         n = len(ids)
         if n > self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
         images = self._check_images(n, images)
+        if embeds is not None and np.shape(embeds) != (n, c.hidden_size):
+            raise ValueError(f"embeds {np.shape(embeds)} must be ({n}, {c.hidden_size}): one row per token")
+        layers = [[] for _ in range(c.num_hidden_layers + 1)] if hidden_states is not None else None
         logits = None
         for start, valid, size, features in self._chunks(n, images):
             phase = "prefill" if features is None else IMAGE_PREFILL
@@ -245,7 +253,11 @@ class Gemma3OnNPU:
             if features is None:
                 chunk_ids = np.zeros(size, np.int64)
                 chunk_ids[:valid] = ids[start : start + valid]
-                x = self._embed(phase, chunk_ids)
+                if embeds is None:
+                    x = self._embed(phase, chunk_ids)
+                else:  # embedded on the host, as the real runtime's inputs_embeds prefill
+                    x = np.zeros((size, c.hidden_size), np.float32)
+                    x[:valid] = embeds[start : start + valid]
                 blocks = ()
             else:  # the image's features replace the embeddings of its soft tokens
                 x = features
@@ -253,11 +265,17 @@ class Gemma3OnNPU:
 
             attend = self._chunk_attention(phase, b, start, valid, positions, blocks)
             for i in range(c.num_hidden_layers):
+                if layers is not None:
+                    layers[i].append(np.array(x[:valid], np.float32))
                 x = self._layer(phase, i, x, positions, attend)
+            if layers is not None:
+                layers[-1].append(np.array(x[:valid], np.float32))
             if start + valid == n:
                 logits = self._logits(phase, x[valid - 1 : valid])[0]
             self.cost[phase].seconds += time.perf_counter() - t0
         self.positions[b] = n
+        if layers is not None:
+            hidden_states.extend(np.concatenate(rows) for rows in layers)
         return logits
 
     def _chunk_attention(self, phase, b, start, valid, positions, blocks):
@@ -328,16 +346,23 @@ class Gemma3OnNPU:
                 pos = start + len(features)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """One token per sequence of the batch; return logits (B, V)."""
+        """One token per sequence of the first B batch rows (B = len(tokens): the compiled
+        ``batch_size`` or one of ``decoder_batch_sizes``, the decoder compiled for B rows, which
+        reads the caches of those rows); return logits (B, V)."""
         c = self.c
-        pos = self.positions.copy()
+        n = len(tokens)
+        if n not in (self.rbln.decoder_batch_sizes or [self.rbln.batch_size]):
+            raise ValueError(
+                f"decode of {n} rows: the decoders are compiled for {self.rbln.decoder_batch_sizes} rows"
+            )
+        pos = self.positions[:n].copy()
         if (pos >= self.max_seq_len).any():
             raise ValueError(f"a sequence reached max_seq_len {self.max_seq_len}")
         x = self._embed("decode", np.asarray(tokens))
 
         def attend(i, q, k, v):
-            k_cache, v_cache = self.caches[i]
-            self._write_cache("decode", i, 0, k[:, None], v[:, None], pos[:, None])
+            k_cache, v_cache = (self._rows(t, n) for t in self.caches[i])
+            self._write_cache("decode", i, 0, k[:, None], v[:, None], pos[:, None], (k_cache, v_cache))
             slots = k_cache.shape[2]
             reach = int(min(pos.max() + 1, slots))
             length = min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
@@ -357,8 +382,20 @@ class Gemma3OnNPU:
 
         for i in range(c.num_hidden_layers):
             x = self._layer("decode", i, x, pos, attend)
-        self.positions += 1
+        self.positions[:n] += 1
         return self._logits("decode", x)
+
+    def _rows(self, cache: DeviceTensor, n: int) -> DeviceTensor:
+        """The first ``n`` sequences of a cache (B, Hkv, S, hd): a view of the same DRAM (rows
+        are contiguous), as a decoder compiled for n rows addresses it."""
+        if n == cache.shape[0]:
+            return cache
+        b = cache.buffer
+        shape = (n, *b.shape[1:])
+        view = Buffer(
+            f"{b.name}[:{n}]", DRAM, shape, b.dtype, b.address, b.nbytes // b.shape[0] * n, data=b.data[:n]
+        )
+        return DeviceTensor(self.npu, view)
 
     def plan_all(self) -> None:
         """Compile: plan every kernel at the model's static shapes and check each fits SRAM.
@@ -367,22 +404,19 @@ class Gemma3OnNPU:
         the attention kernels are also planned at their largest (the last prefill chunk
         against a full global cache, decode over the whole cache). Plans for the shapes in
         between are made when first used and saved with the model."""
-        b = self.rbln.batch_size
-        steps = [
-            lambda: self.prefill(0, np.zeros(1, np.int64)),
-            lambda: self.decode(np.zeros(b, np.int64)),
-            self.reset,
-            self._plan_largest_attention,
-        ]
+        decoders = self.rbln.decoder_batch_sizes or []  # none: compiled without the decode phase
+        steps = [lambda: self.prefill(0, np.zeros(1, np.int64))]
+        steps += [lambda b=b: self.decode(np.zeros(b, np.int64)) for b in decoders]
+        steps += [self.reset, self._plan_largest_attention]
         for step in progress(steps, "compiling"):
             step()
 
     def _plan_largest_attention(self) -> None:
-        c, b = self.c, self.rbln.batch_size
+        c = self.c
         chunk = self.rbln.prefill_chunk_size
         self._plan_prefill_attention(chunk, (self.max_seq_len - 1) // chunk * chunk)
-        for i in self._one_layer_per_type():
-            cache = (self.caches[i][0].shape, self.caches[i][0].dtype)
+        for b, i in ((b, i) for b in self.rbln.decoder_batch_sizes or [] for i in self._one_layer_per_type()):
+            cache = ((b, *self.caches[i][0].shape[1:]), self.caches[i][0].dtype)
             slots = cache[0][2]
             self._plan(
                 attention_decode,

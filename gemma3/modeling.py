@@ -37,13 +37,22 @@ from .generation import (
     to_dict,
     torch_sampler,
 )
+from .hf_compat import (
+    CausalLMOutput,
+    generation_config,
+    generation_dict,
+    pretrained_config,
+    resolve_model_dir,
+)
 from .model import Gemma3OnNPU
 from .plans import PLANS, load_plans, save_plans
-from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, strip_rbln
+from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, given_fields, normalize
 from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
 COMPILED = "compiled"
+# Language-model fields that choose which graphs are compiled and what they take and return.
+GRAPH_FIELDS = ("decoder_batch_sizes", "phases", "use_inputs_embeds", "output_hidden_states")
 WEIGHTS = "weights.safetensors"
 MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)
 
@@ -101,7 +110,7 @@ class NPUGemma3PreTrainedModel:
 
     runtime: Gemma3OnNPU
     rbln_config: NPUModelConfig
-    generation_config: dict
+    model_config: Gemma3TextConfig  # config.json as our reader holds it (``config``: transformers')
     tokenizer: Gemma3Tokenizer | None
     last_report: GenerationReport | None
 
@@ -109,17 +118,29 @@ class NPUGemma3PreTrainedModel:
 
     @classmethod
     def from_pretrained(cls, model_id, export: bool | None = None, rbln_config=None, **kwargs):
-        """A model from a local directory: compiled from its Hugging Face checkpoint (``export``
-        True, or None and the directory is not compiled) or loaded compiled. ``rbln_config`` (a
-        dict or ``config_class`` instance) and ``rbln_``-prefixed kwargs set the configuration;
-        loading a compiled directory may change only fields the compiled artefacts do not
-        depend on."""
-        directory = os.fspath(model_id)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"model_id {directory!r} is not a local directory (no hub access here)")
-        overrides, rest = strip_rbln(kwargs)
+        """A model from a local directory or a hub id in the local Hugging Face cache: compiled
+        from its Hugging Face checkpoint (``export`` True, or None and the directory is not
+        compiled) or loaded compiled. ``rbln_config`` (None, a dict, a ``config_class``
+        instance or a saved one's path) and ``rbln_``-prefixed kwargs set the configuration,
+        normalised once here; loading a compiled directory may change only fields the compiled
+        artefacts do not depend on.
+
+        Also, as transformers / Optimum RBLN: ``subfolder`` (the model inside ``model_id``),
+        ``revision`` and ``cache_dir`` (where a hub id is looked up; no network),
+        ``dtype`` / ``torch_dtype`` (checked; weights are read as stored and rounded by the
+        ``numerics`` of the chip), ``trust_remote_code`` (no effect: Gemma3 needs no remote
+        code), ``model_save_dir`` (export: also save the compiled model there)."""
+        rbln, rest = normalize(cls.config_class, rbln_config, kwargs)
+        user = given_fields(rbln)  # what the caller set, to lay over a saved configuration
+        hub = {k: rest.pop(k) for k in ("subfolder", "revision", "cache_dir") if k in rest}
+        _check_dtype(rest.pop("dtype", None), rest.pop("torch_dtype", None))
+        rest.pop("trust_remote_code", None)
+        model_save_dir = rest.pop("model_save_dir", None)
         if rest:
             raise TypeError(f"from_pretrained: unexpected keyword argument(s) {sorted(rest)}")
+        directory = resolve_model_dir(
+            model_id, hub.get("subfolder") or "", hub.get("revision"), hub.get("cache_dir")
+        )
         compiled = is_compiled(directory)
         if export is None:
             export = not compiled
@@ -130,16 +151,16 @@ class NPUGemma3PreTrainedModel:
         config = cls._read_config(directory)
         gen = read_generation_config(directory)
         if export:
-            rbln = cls.config_class.from_any(rbln_config, **overrides)
             cls._check_sequence_sizes(config, rbln)
             model = cls._from_checkpoint(directory, config, rbln, gen)
             model.compile()
+            if model_save_dir is not None:
+                model.save_pretrained(model_save_dir)
+                model.model_save_dir = os.fspath(model_save_dir)
             return model
         check_complete(directory, MANIFEST)
         saved = cls.config_class.load(directory)
-        rbln = cls.config_class.from_any(saved, **overrides)
-        if rbln_config is not None:
-            rbln = cls.config_class.from_any(rbln, **_config_overrides(cls.config_class, rbln_config))
+        rbln = cls.config_class.from_any(saved, **user)
         was, now = cls._compiled_fields(saved), cls._compiled_fields(rbln)
         changed = [f for f in was if now[f] != was[f]]
         if changed:
@@ -163,8 +184,11 @@ class NPUGemma3PreTrainedModel:
     @classmethod
     def _check_sequence_sizes(cls, config, rbln) -> None:
         """``max_seq_len`` (``max_position_embeddings`` when unset) must lie between
-        ``prefill_chunk_size`` and ``max_position_embeddings``."""
+        ``prefill_chunk_size`` and ``max_position_embeddings``; then the language model's
+        config against the model (attention, cache and paged-cache fields; what cannot be
+        built yet: tensor parallelism, LoRA, quantization)."""
         text, lm, where = cls._text_parts(config, rbln)
+        rbln.check_compilable()
         positions, chunk = text.max_position_embeddings, lm.prefill_chunk_size
         seq = lm.max_seq_len or positions
         if seq > positions:
@@ -178,6 +202,7 @@ class NPUGemma3PreTrainedModel:
                 f"holds at most max_seq_len tokens; set prefill_chunk_size to a multiple of 64 no larger "
                 f"than {seq}, or max_seq_len to at least {chunk}"
             )
+        lm.check_model(text, seq, where)
 
     @classmethod
     def _from_checkpoint(cls, directory, config, rbln, gen):
@@ -195,8 +220,11 @@ class NPUGemma3PreTrainedModel:
         raise NotImplementedError
 
     @classmethod
-    def from_model(cls, model, config=None, rbln_config=None, model_save_dir=None, **kwargs):
-        """Compile a transformers model (needs the oracle extra)."""
+    def from_model(cls, model, config=None, rbln_config=None, model_save_dir=None, subfolder="", **kwargs):
+        """Compile a transformers model (needs the oracle extra). ``subfolder``: as Optimum
+        RBLN's, where submodules are saved; only "" (the whole model) here."""
+        if subfolder:
+            raise NotImplementedError(f"from_model subfolder {subfolder!r}: the model is saved whole")
         try:
             import transformers
         except ImportError:
@@ -215,7 +243,7 @@ class NPUGemma3PreTrainedModel:
             compiled = cls.from_pretrained(tmp, export=True, rbln_config=rbln_config, **kwargs)
             if model_save_dir is not None:
                 compiled.save_pretrained(model_save_dir)
-                compiled.model_dir = os.fspath(model_save_dir)
+                compiled.model_dir = compiled.model_save_dir = os.fspath(model_save_dir)
         return compiled
 
     def compile(self):
@@ -245,7 +273,7 @@ class NPUGemma3PreTrainedModel:
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
 
-    def save_pretrained(self, save_directory):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Write config.json, generation_config.json, the tokenizer's files, rbln_config.json,
         ``compiled/`` (weights.safetensors, plans.json) and ``MANIFEST`` into ``save_directory``,
         as transformers does: the directory is made if needed, files of ours from an earlier
@@ -260,13 +288,22 @@ class NPUGemma3PreTrainedModel:
 
         Everything is staged first, then renamed into place (``gemma3.atomic.OwnedSave``): an
         error at any point leaves the earlier save as it was; a process killed while renaming
-        leaves a journal, and loading refuses that directory until a save completes."""
+        leaves a journal, and loading refuses that directory until a save completes.
+
+        ``push_to_hub=True`` is refused (no network here); other kwargs raise ``TypeError``."""
+        if push_to_hub:
+            raise NotImplementedError(
+                "save_pretrained(push_to_hub=True): no hub access here; save, then upload the directory "
+                "with huggingface_hub's upload_folder"
+            )
+        if kwargs:
+            raise TypeError(f"save_pretrained: unexpected keyword argument(s) {sorted(kwargs)}")
         with OwnedSave(save_directory, MANIFEST) as save:
             tmp = save.path
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(self._config_json(), f, indent=2)
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump(self.generation_config, f, indent=2)
+                json.dump(generation_dict(self.generation_config), f, indent=2)
             self._save_files(tmp)
             self.rbln_config.save(tmp)
             save.check(also=[f"{COMPILED}/{WEIGHTS}", f"{COMPILED}/{PLANS}"])  # before the big write
@@ -348,14 +385,27 @@ class NPUGemma3PreTrainedModel:
         Sampling with torch inputs and no ``seed`` draws from torch's global generator, otherwise from
         ``np.random.default_rng(seed)``."""
         self._check_config_unchanged()
+        if not self.can_generate():
+            raise ValueError(
+                f"this model was compiled without the decode phase (phases={self._lm_config.phases}); "
+                "compile with rbln_config phases including 'decode' to generate"
+            )
         streamer = kwargs.pop("streamer", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        prompt_given = input_ids is not None
+        if embeds is not None:
+            input_ids, prepare = self._embeds_inputs(input_ids, embeds, attention_mask, prepare)
+        if input_ids is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
         kind, ids = _to_numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
-        model_ids = {k: getattr(self.config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        model_ids = {
+            k: getattr(self.model_config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")
+        }
         settings = GenerationSettings.merge(
             model_ids,
-            self.generation_config,
+            generation_dict(self.generation_config),
             to_dict(generation_config),
             kwargs,
             names=("config.json", "generation_config.json", "the generation_config argument", "a keyword"),
@@ -364,8 +414,10 @@ class NPUGemma3PreTrainedModel:
         unknown = set(kwargs) - set(GenerationSettings.__dataclass_fields__) - set(NOT_IMPLEMENTED) - INERT
         if unknown:
             raise TypeError(f"generate: unexpected keyword argument(s) {sorted(unknown)}")
-        if attention_mask is None:
+        if attention_mask is None and prompt_given:
             mask = padding_mask(ids, settings.pad_token_id, settings.eos_token_id)
+        elif attention_mask is None:  # inputs_embeds alone: nothing to infer padding from
+            mask = np.ones_like(ids)
         else:
             mask = _attention_mask(attention_mask, ids)
         self._check_prompts(ids, mask)
@@ -385,7 +437,9 @@ class NPUGemma3PreTrainedModel:
         rt = self.runtime
         rt.reset()
         timer = {"prefill": 0.0, "decode": 0.0, "steps": 0}
-        static_batch = self.rbln_config.batch_size
+        # The decoder compiled for the smallest batch that holds this one (decoder_batch_sizes, as
+        # Optimum RBLN's runtime picks it): the batch is padded to it, and costs what it costs.
+        decoder_batch = min(s for s in self._lm_config.decoder_batch_sizes if s >= batch)
 
         def prefill(input_ids, attention_mask):
             t = time.perf_counter()
@@ -399,7 +453,7 @@ class NPUGemma3PreTrainedModel:
 
         def decode(tokens):
             t = time.perf_counter()
-            full = np.zeros(static_batch, np.int64)
+            full = np.zeros(decoder_batch, np.int64)
             full[:batch] = tokens
             logits = rt.decode(full)[:batch]
             timer["decode"] += time.perf_counter() - t
@@ -421,6 +475,8 @@ class NPUGemma3PreTrainedModel:
                 timer["prefill"],
                 timer["decode"],
             )
+        if not prompt_given:  # transformers: from inputs_embeds alone, only the new tokens come back
+            sequences = sequences[:, ids.shape[1] :]
         sequences = _from_numpy(kind, sequences, input_ids)
         if settings.return_dict_in_generate:
             return GenerateOutput(
@@ -431,6 +487,154 @@ class NPUGemma3PreTrainedModel:
                 tuple(_from_numpy(kind, x, input_ids) for x in scores) if settings.output_scores else None,
             )
         return sequences
+
+    def _embeds_inputs(self, input_ids, embeds, attention_mask, prepare):
+        """``inputs_embeds`` (B, T, hidden) for a model compiled with ``use_inputs_embeds``:
+        (input_ids, or zeros standing in for them, and a ``prepare`` that hands each sequence's
+        embeddings of its real tokens to ``runtime.prefill``)."""
+        lm = self._lm_config
+        if not lm.use_inputs_embeds:
+            raise ValueError(
+                "inputs_embeds given, but the model was compiled without use_inputs_embeds; compile with "
+                "rbln_config={'use_inputs_embeds': True}"
+                + (" in language_model" if lm is not self.rbln_config else "")
+            )
+        if prepare is not None:
+            raise NotImplementedError("inputs_embeds together with images (pixel_values): pass input_ids")
+        torch_in = hasattr(embeds, "detach")
+        e = np.asarray(embeds.detach().cpu().float().numpy() if torch_in else embeds, np.float32)
+        if e.ndim == 2:
+            e = e[None]
+        hidden = self.runtime.c.hidden_size
+        if e.ndim != 3 or e.shape[2] != hidden or 0 in e.shape:
+            raise ValueError(f"inputs_embeds {e.shape} must be (batch, tokens, {hidden}) with tokens >= 1")
+        if input_ids is None:  # ids stand-ins (0: in the vocabulary; never embedded)
+            input_ids = np.zeros(e.shape[:2], np.int64)
+            if torch_in:
+                input_ids = _from_numpy("torch", input_ids, None)
+        ids = _to_numpy(input_ids)[1]
+        if ids.shape != e.shape[:2] and ids.size == e.shape[0] * e.shape[1]:
+            ids = ids.reshape(e.shape[:2])
+        if ids.shape != e.shape[:2]:
+            raise ValueError(f"input_ids {ids.shape} must match inputs_embeds {e.shape[:2]}")
+
+        def rows(ids_, mask_):
+            return lambda: [{"embeds": e[b][mask_[b].astype(bool)]} for b in range(e.shape[0])]
+
+        return input_ids, rows
+
+    # ------------------------------------------------------------------ as transformers' models
+
+    @property
+    def _lm_config(self) -> NPUGemma3ForCausalLMConfig:
+        """The language model's rbln config (the sub-config of the image+text model)."""
+        return getattr(self.rbln_config, "language_model", self.rbln_config)
+
+    @property
+    def config(self):
+        """config.json as a transformers ``Gemma3TextConfig`` / ``Gemma3Config`` (or, without
+        transformers, a view with the same attribute names)."""
+        if getattr(self, "_hf_config", None) is None:
+            self._hf_config = pretrained_config(self.model_config.raw)
+        return self._hf_config
+
+    @property
+    def compiled_models(self) -> dict:
+        """Name -> the emulated device holding its planned kernels, one entry per graph Optimum
+        RBLN compiles (prefill, one decoder per decoder batch size, image prefill, vision tower):
+        here all run on one ``npu_emulator.NPU``."""
+        lm, npu = self._lm_config, self.runtime.npu
+        names = ["prefill"] + [f"decoder_batch_{b}" for b in lm.decoder_batch_sizes or []]
+        if lm.image_prefill_chunk_size is not None:
+            names.insert(1, "image_prefill")
+        if hasattr(self, "vision"):
+            names.insert(0, "vision_tower")
+        return {name: npu for name in names}
+
+    @property
+    def device(self):
+        """Where inputs go: the host (``torch.device("cpu")`` with torch installed), as the real
+        runtime takes host tensors and copies them to the NPU itself."""
+        try:
+            import torch
+        except ImportError:
+            return "cpu"
+        return torch.device("cpu")
+
+    def can_generate(self) -> bool:
+        """Whether the model was compiled with the decode phase (``phases``)."""
+        return self._lm_config.can_generate
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        """One prefill of the batch from an empty cache, as Optimum RBLN's decoder-only forward:
+        ``CausalLMOutput`` with ``logits`` (batch, 1, vocab) of each sequence's last real token
+        (``logits_to_keep`` = 1) and, when compiled with ``output_hidden_states``,
+        ``hidden_states``: the embeddings and every layer's output, (batch, tokens, hidden),
+        left-padded rows zero. ``position_ids`` (Gemma3: ``use_position_ids``) must be the real
+        tokens' 0, 1, 2, ... (left padding); the image model also takes ``pixel_values`` and
+        ``token_type_ids``. The model stays ready for another forward or generate."""
+        self._check_config_unchanged()
+        lm = self._lm_config
+        prepare = self._forward_prepare(kwargs, embeds=inputs_embeds is not None)
+        if kwargs:
+            raise TypeError(f"forward: unexpected keyword argument(s) {sorted(kwargs)}")
+        if inputs_embeds is not None:
+            input_ids, prepare = self._embeds_inputs(input_ids, inputs_embeds, attention_mask, prepare)
+        if input_ids is None:
+            raise ValueError("forward needs input_ids or inputs_embeds")
+        kind, ids = _to_numpy(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        mask = np.ones_like(ids) if attention_mask is None else _attention_mask(attention_mask, ids)
+        self._check_prompts(ids, mask)
+        if ids.shape[0] > self.rbln_config.batch_size:
+            raise ValueError(
+                f"batch of {ids.shape[0]} sequences exceeds the compiled batch_size {self.rbln_config.batch_size}"
+            )
+        if int(mask.sum(axis=1).max()) > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {int(mask.sum(axis=1).max())} tokens exceeds max_seq_len {self.max_seq_len}"
+            )
+        if position_ids is not None:
+            want = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
+            got = _to_numpy(position_ids)[1].reshape(ids.shape) * mask
+            if (got != want).any():
+                b, p = np.argwhere(got != want)[0]
+                raise NotImplementedError(
+                    f"position_ids[{b}, {p}] = {got[b, p]}: only the real tokens' own positions "
+                    f"({want[b, p]} there; 0, 1, 2, ... after left padding) are supported"
+                )
+        extras = prepare(ids, mask)() if prepare is not None else [{}] * ids.shape[0]
+        rt = self.runtime
+        rt.reset()
+        logits, hidden = [], []
+        for b in range(ids.shape[0]):
+            keep = mask[b].astype(bool)
+            collect = [] if lm.output_hidden_states else None
+            logits.append(rt.prefill(b, ids[b][keep], hidden_states=collect, **extras[b]))
+            hidden.append(collect)
+        rt.reset()
+        out = np.stack(logits)[:, None]  # (B, 1, V): logits_to_keep = 1
+        states = None
+        if lm.output_hidden_states:
+            t = ids.shape[1]
+            states = []
+            for layer in range(len(hidden[0])):
+                x = np.zeros((ids.shape[0], t, rt.c.hidden_size), np.float32)
+                for b in range(ids.shape[0]):
+                    x[b, mask[b].astype(bool)] = hidden[b][layer]
+                states.append(_from_float(kind, x))
+            states = tuple(states)
+        return CausalLMOutput(logits=_from_float(kind, out), hidden_states=states)
+
+    def _forward_prepare(self, kwargs, embeds: bool):
+        """Extra forward inputs of a subclass (the image model's pixel_values), popped from
+        ``kwargs``, as ``_generate``'s ``prepare``; None when there are none (``embeds``: the
+        prompt comes as inputs_embeds)."""
+        return None
 
 
 class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
@@ -446,10 +650,10 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
         device_weights: dict,
         generation_config: dict,
     ):
-        self.model_dir = directory
-        self.config = config
+        self.model_dir = self.model_save_dir = directory
+        self.model_config = config
         self.rbln_config = rbln_config
-        self.generation_config = generation_config
+        self.generation_config = generation_config_of(generation_config)
         self.runtime = Gemma3OnNPU(config, rbln_config, device_weights)
         self.max_seq_len = self.runtime.max_seq_len
         self.tokenizer = load_tokenizer(directory)
@@ -474,13 +678,42 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
     @classmethod
     def _compiled_fields(cls, rbln) -> dict:
         fields = {f: getattr(rbln, f) for f in ("batch_size", "max_seq_len", "prefill_chunk_size")}
+        fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS})
         return {**fields, "npu": rbln.npu_config}  # the chip itself, however it was named
 
     def _config_json(self) -> dict:
-        return self.config.raw
+        return self.model_config.raw
 
-    def generate(self, input_ids, attention_mask=None, generation_config=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         return self._generate(input_ids, attention_mask, generation_config, kwargs)
+
+
+def generation_config_of(d: dict):
+    """``model.generation_config`` from generation_config.json's dict (hf_compat)."""
+    return generation_config(d)
+
+
+def _check_dtype(dtype, torch_dtype) -> None:
+    """``dtype`` / ``torch_dtype`` of from_pretrained: one of them, a float dtype transformers
+    names (or "auto"). Weights are read as stored and rounded by the chip's ``numerics``."""
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("pass dtype or torch_dtype (its older name), not both")
+    value = dtype if dtype is not None else torch_dtype
+    if value is None:
+        return
+    name = value if isinstance(value, str) else str(value).removeprefix("torch.")
+    if name not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {value!r}: expected 'auto', float32, bfloat16 or float16")
+
+
+def _from_float(kind, arr):
+    """Float outputs (logits, hidden states) in the kind of the inputs (torch, NumPy; lists
+    get NumPy)."""
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    return arr
 
 
 def load_tokenizer(directory) -> Gemma3Tokenizer | None:
@@ -499,15 +732,6 @@ def read_compiled_weights(directory) -> dict[str, np.ndarray]:
         name: f.raw(name) if f.tensors[name][0] in ("BF16", "F32", "I32", "I64") else f.float32(name)
         for name in f.tensors
     }
-
-
-def _config_overrides(config_class, rbln_config) -> dict:
-    """The fields an ``rbln_config`` argument sets over a saved configuration: a dict's keys
-    (checked), or every field of a config instance."""
-    if isinstance(rbln_config, dict):
-        config_class.from_any(rbln_config)  # a bad field raises here, naming it
-        return dict(rbln_config)
-    return config_class.from_any(rbln_config).to_dict()
 
 
 def is_compiled(directory) -> bool:

@@ -36,9 +36,11 @@ from npu_emulator import CycleReport
 from .config import Gemma3TextConfig, read_json
 from .model import IMAGE_PREFILL, Gemma3OnNPU
 from .modeling import (
+    GRAPH_FIELDS,
     GenerationReport,
     NPUGemma3PreTrainedModel,
     _to_numpy,
+    generation_config_of,
     load_tokenizer,
 )
 from .rbln_config import NPUGemma3ForConditionalGenerationConfig
@@ -164,10 +166,10 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         vision_weights: dict,
         generation_config: dict,
     ):
-        self.model_dir = directory
-        self.config = config
+        self.model_dir = self.model_save_dir = directory
+        self.model_config = config
         self.rbln_config = _resolve(config, rbln_config)
-        self.generation_config = generation_config
+        self.generation_config = generation_config_of(generation_config)
         self.runtime = Gemma3OnNPU(config.text, self.rbln_config.language_model, text_weights)
         self.runtime.check_image_chunk()
         self.vision = VisionTowerOnNPU(config.vision, self.runtime.npu, vision_weights)
@@ -207,6 +209,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
             "npu": rbln.npu_config,
             "language_model.max_seq_len": lm.max_seq_len,
             "language_model.prefill_chunk_size": lm.prefill_chunk_size,
+            **{f"language_model.{f}": getattr(lm, f) for f in GRAPH_FIELDS},
         }
 
     def _plan_all(self):
@@ -217,7 +220,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
     # ------------------------------------------------------------------ saving
 
     def _config_json(self) -> dict:
-        return self.config.raw
+        return self.model_config.raw
 
     def _device_tensors(self) -> dict:
         tensors = super()._device_tensors()
@@ -234,11 +237,11 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
     # ------------------------------------------------------------------ generation
 
     def _token_ids_beyond_vocab(self) -> dict[int, str]:
-        return {self.config.image_token_id: "the image token"}  # its rows are an image's features
+        return {self.model_config.image_token_id: "the image token"}  # its rows are an image's features
 
     def generate(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         generation_config=None,
         *,
@@ -250,27 +253,9 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         ``mm_tokens_per_image`` image tokens per image (the processor's output), ``pixel_values``
         (N, C, H, W) for the N images of the whole batch in order, ``token_type_ids`` optional
         (1 at image tokens), and the text model's generation arguments."""
-        counts = {}
-
-        def prepare(ids, mask):
-            spans = self.image_spans(ids, mask, token_type_ids)
-            n = sum(len(row) for row in spans)
-            pixels = self._pixels(pixel_values, n)
-            counts.update(images=n, image_tokens=n * self.config.mm_tokens_per_image)
-            self.vision.reset()
-            counts["encode_s"] = 0.0
-
-            def encode():
-                t = time.perf_counter()
-                features = self.vision.encode(pixels) if n else None
-                counts["encode_s"] = time.perf_counter() - t
-                out, k = [], 0
-                for row in spans:
-                    out.append({"images": [(s, features[k + j]) for j, s in enumerate(row)]} if row else {})
-                    k += len(row)
-                return out
-
-            return encode
+        counts = {"images": 0, "image_tokens": 0, "encode_s": 0.0}
+        text_only = pixel_values is None and kwargs.get("inputs_embeds") is not None
+        prepare = None if text_only else self._images(pixel_values, token_type_ids, counts)
 
         def report(prompt_tokens, new_tokens, timer):
             rt = self.runtime
@@ -294,6 +279,49 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
 
         return self._generate(input_ids, attention_mask, generation_config, kwargs, prepare, report)
 
+    def _images(self, pixel_values, token_type_ids, counts: dict):
+        """The ``prepare(ids, mask)`` of ``_generate`` for these images: checks them against the
+        prompts' image tokens, then encodes them when prefill starts; ``counts`` receives the
+        number of images, image tokens and the encoding's host seconds."""
+
+        def prepare(ids, mask):
+            spans = self.image_spans(ids, mask, token_type_ids)
+            n = sum(len(row) for row in spans)
+            pixels = self._pixels(pixel_values, n)
+            counts.update(images=n, image_tokens=n * self.model_config.mm_tokens_per_image)
+            self.vision.reset()
+            counts["encode_s"] = 0.0
+
+            def encode():
+                t = time.perf_counter()
+                features = self.vision.encode(pixels) if n else None
+                counts["encode_s"] = time.perf_counter() - t
+                out, k = [], 0
+                for row in spans:
+                    out.append({"images": [(s, features[k + j]) for j, s in enumerate(row)]} if row else {})
+                    k += len(row)
+                return out
+
+            return encode
+
+        return prepare
+
+    def _forward_prepare(self, kwargs, embeds: bool):
+        pixel_values, token_type_ids = kwargs.pop("pixel_values", None), kwargs.pop("token_type_ids", None)
+        if embeds and pixel_values is None:
+            return None
+        return self._images(pixel_values, token_type_ids, {})
+
+    @property
+    def language_model(self) -> Gemma3OnNPU:
+        """The language model on the chip (Optimum RBLN: its compiled language model)."""
+        return self.runtime
+
+    @property
+    def vision_tower(self) -> VisionTowerOnNPU:
+        """The vision tower and projector on the chip."""
+        return self.vision
+
     def kernel_reports(self) -> list[CycleReport]:
         """The kernel reports of the last ``generate``, phase after phase (image encoding, image
         prefill, text prefill, decode): for ``npu_emulator.trace.write_sequence_trace``."""
@@ -308,7 +336,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
     def image_spans(self, ids: np.ndarray, mask: np.ndarray, token_type_ids=None) -> list[list[int]]:
         """Where each image's soft tokens start in each sequence's real tokens (the tokens the
         mask keeps). Every run of image tokens must be one image, ``mm_tokens_per_image`` long."""
-        c = self.config
+        c = self.model_config
         size, image = c.mm_tokens_per_image, c.image_token_id
         real = mask.astype(bool)
         is_image = (ids == image) & real
@@ -347,13 +375,13 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         return spans
 
     def _pixels(self, pixel_values, n: int) -> np.ndarray | None:
-        v = self.config.vision.vision
+        v = self.model_config.vision.vision
         want = (v.num_channels, v.image_size, v.image_size)
         if pixel_values is None:
             if n:
                 raise ValueError(
                     f"image count mismatch: the prompts hold {n} image(s) ({n} runs of "
-                    f"{self.config.mm_tokens_per_image} image tokens) but no pixel_values were given"
+                    f"{self.model_config.mm_tokens_per_image} image tokens) but no pixel_values were given"
                 )
             return None
         if hasattr(pixel_values, "detach"):  # a torch tensor
@@ -374,7 +402,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         if x.shape[0] != n:
             raise ValueError(
                 f"image count mismatch: pixel_values holds {x.shape[0]} image(s) but the prompts hold {n} "
-                f"({n} runs of {self.config.mm_tokens_per_image} image tokens; the processor writes one "
+                f"({n} runs of {self.model_config.mm_tokens_per_image} image tokens; the processor writes one "
                 "per <start_of_image>)"
             )
         return x

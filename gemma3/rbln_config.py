@@ -1,8 +1,22 @@
 """Compile-time configuration of a model on the NPU, as Optimum RBLN's ``RBLN*Config`` classes.
 
-Fields are checked at construction and a bad one raises ``ValueError`` naming the field and
-the value; unknown fields raise too. ``load(path, **kwargs)`` reads ``rbln_config.json`` and
-lets ``rbln_``-prefixed kwargs (``rbln_max_seq_len=512``) override saved values.
+Every field of Optimum RBLN's ``RBLNModelConfig``, ``RBLNDecoderOnlyModelForCausalLMConfig``
+and the Gemma3 configs, with its defaults, its positional order (``RBLNGemma3ForCausalLMConfig(
+use_position_ids, use_attention_mask, prefill_chunk_size, image_prefill_chunk_size)``, the rest
+by keyword), ``None`` meaning "the default" and its error classes: a bad value raises
+``ValueError`` naming the field and the value, an unknown keyword ``ValueError("Unexpected
+arguments: ...")``. ``load(path, **kwargs)`` reads ``rbln_config.json`` (ours, or the one
+Optimum RBLN writes: ``cls_name``, ``_compile_cfgs``, ...) and lets ``rbln_``-prefixed kwargs
+(``rbln_max_seq_len=512``) override saved values; a file of another class logs a warning.
+
+``normalize(rbln_config, kwargs)`` is the one way in: ``None``, a dict, a config object, a path
+to a saved one, plus ``rbln_*`` kwargs, turned into one config object where ``from_pretrained``
+is entered, and passed down from there.
+
+Fields that only steer Optimum RBLN's runtime on real devices (``create_runtimes``, ``device``,
+``device_map``, ``activate_profiler``, ``timeout``, ``optimize_host_memory``) are checked,
+stored and saved, and change nothing here. ``tensor_parallel_size`` / ``num_devices`` above 1 and
+``lora_config`` are accepted by the config and refused when compiling (issues 13 and 12).
 
 The image+text model's config (``NPUGemma3ForConditionalGenerationConfig``) holds two
 sub-configs, ``vision_tower`` and ``language_model``, as dicts or config objects; overriding
@@ -11,15 +25,38 @@ one with a dict (``rbln_language_model={"max_seq_len": 1024}``) updates it field
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 
-from npu_emulator import NPUConfig, get_preset
+from npu_emulator import PRESETS, RBLN_NPU_NAMES, NPUConfig, get_preset
 
 from .atomic import new_file
 
 CONFIG_NAME = "rbln_config.json"
+logger = logging.getLogger(__name__)
+
+# Optimum RBLN's attention limits (modeling_attention_utils.py): its compiler's, kept so that a
+# config that compiles here compiles there too.
+DEFAULT_FLASH_ATTN_PARTITION_LENGTH = 16_384
+DEFAULT_MAX_EAGER_ATTN_SEQUENCE_LENGTH = 32_768
+MIN_FLASH_ATTN_MAX_SEQ_LEN = 8_192
+MIN_FLASH_ATTN_PARTITION_LENGTH = 4_096
+MAX_FLASH_ATTN_PARTITION_LENGTH = 32_768
+MAX_SLIDING_WINDOW_SIZE = 32_768
+
+PHASES = ("prefill", "image_prefill", "decode")
+CACHE_IMPLS = ("static", "sliding_window", "hybrid")
+# Optimum RBLN's RBLNQuantizationConfig: what it accepts; we emulate none of the formats yet.
+QUANT_FORMATS = ("rbln",)
+QUANT_WEIGHTS = ("int4", "int8", "fp8", "fp16")
+QUANT_ACTIVATIONS = ("int8", "fp8", "fp16")
+QUANT_KVCACHES = ("fp8", "fp16")
+# Keys of an Optimum RBLN rbln_config.json that describe its compiler's artefacts, not a model
+# here: read and dropped.
+OPTIMUM_ONLY_KEYS = ("_compile_cfgs", "_torch_dtype")
 
 
 def strip_rbln(kwargs: dict) -> tuple[dict, dict]:
@@ -29,6 +66,21 @@ def strip_rbln(kwargs: dict) -> tuple[dict, dict]:
     return ours, rest
 
 
+def resolve_npu(npu) -> NPUConfig:
+    """The chip of an ``npu`` field: a preset name, an Optimum RBLN NPU name, an NPUConfig or
+    its dict."""
+    if isinstance(npu, dict):
+        return NPUConfig.from_dict(npu)
+    if isinstance(npu, str) and npu in RBLN_NPU_NAMES:
+        return get_preset(RBLN_NPU_NAMES[npu])
+    if isinstance(npu, (str, NPUConfig)) and (isinstance(npu, NPUConfig) or npu in PRESETS):
+        return get_preset(npu)
+    raise ValueError(
+        f"npu: unknown NPU {npu!r}; known: our presets {sorted(PRESETS)} and Optimum RBLN's names "
+        f"{sorted(RBLN_NPU_NAMES)}"
+    )
+
+
 def _positive_int(name, value, *, allow_none=True):
     if value is None and allow_none:
         return
@@ -36,31 +88,119 @@ def _positive_int(name, value, *, allow_none=True):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-@dataclass
-class NPUModelConfig:
-    """Fields every model shares; subclasses add their own."""
+def _bool(name, value):
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool or None, got {value!r}")
 
+
+def config_class(cls):
+    """A dataclass whose ``__init__`` behaves as Optimum RBLN's: ``None`` for any field means
+    its default, an unknown keyword is a ``ValueError`` naming it, and the keys of an Optimum
+    RBLN ``rbln_config.json`` that describe its compiler (``OPTIMUM_ONLY_KEYS``) are dropped.
+    The fields given (not None) are remembered, for sub-config merging."""
+    cls = dataclass(cls)
+    generated = cls.__init__
+    names = [f.name for f in fields(cls) if f.init]
+    positional = [f.name for f in fields(cls) if f.init and not f.kw_only]
+
+    @functools.wraps(generated)
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(
+                f"{cls.__name__} takes at most {len(positional)} positional arguments "
+                f"({', '.join(positional)}), got {len(args)}"
+            )
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"{cls.__name__} got multiple values for argument {name!r}")
+            kwargs[name] = value
+        for key in OPTIMUM_ONLY_KEYS:
+            kwargs.pop(key, None)
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"Unexpected arguments: {unknown} ({cls.__name__}; fields: {sorted(names)})")
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        object.__setattr__(self, "_given", frozenset(given))
+        generated(self, **given)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@config_class
+class NPUModelConfig:
+    """Fields every model shares (Optimum RBLN's ``RBLNModelConfig``, plus the emulator's
+    ``mode`` and ``numerics``); subclasses add their own. All keyword-only here."""
+
+    _: KW_ONLY
     batch_size: int = 1  # sequences decoded together (the compiled decode batch)
-    npu: str | NPUConfig = "atom"  # chip preset name or an NPUConfig
+    npu: str | NPUConfig = "atom"  # chip: a preset name, an Optimum RBLN name (RBLN-CA25), an NPUConfig
     mode: str = "fast"  # "fast" (whole-operator math, cached schedules) or "tile" (every instruction)
     numerics: str = "bf16"  # "bf16" (device rounding) or "fp32" (reference numerics)
+    tensor_parallel_size: int | None = None  # devices a layer is split over; above 1 is issue 13
+    num_devices: int | None = None  # Optimum RBLN's newer name for tensor_parallel_size
+    # Runtime options of real devices: checked, stored and saved; nothing here depends on them.
+    create_runtimes: bool | None = None  # make device runtimes at load (the emulator always runs)
+    device: int | list[int] | None = None  # device id(s) to load onto (one emulated device: 0)
+    device_map: dict | None = None  # compiled-model name -> device id(s)
+    activate_profiler: bool | None = None  # the real runtime's profiler (see last_report here)
+    timeout: int | None = None  # runtime timeout in seconds (the real runtime's default: 60)
+    optimize_host_memory: bool | None = None  # deprecated in Optimum RBLN; accepted, unused
+    optimum_rbln_version: str | None = None  # written by Optimum RBLN; kept as read
+    cls_name: str | None = None  # the class a saved file names (Optimum RBLN's key)
 
     def __post_init__(self):
         _positive_int("batch_size", self.batch_size, allow_none=False)
         if isinstance(self.npu, dict):
             self.npu = NPUConfig.from_dict(self.npu)
         try:
-            get_preset(self.npu)
-        except ValueError as e:
-            raise ValueError(f"npu: {e}") from None
+            resolve_npu(self.npu)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"npu: {e}".replace("npu: npu: ", "npu: ")) from None
         if self.mode not in ("fast", "tile"):
             raise ValueError(f"mode must be 'fast' or 'tile', got {self.mode!r}")
         if self.numerics not in ("bf16", "fp32"):
             raise ValueError(f"numerics must be 'bf16' or 'fp32', got {self.numerics!r}")
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        _positive_int("num_devices", self.num_devices)
+        if self.tensor_parallel_size and self.num_devices and self.tensor_parallel_size != self.num_devices:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} and num_devices {self.num_devices} "
+                "differ; they name one thing (set one)"
+            )
+        for name in ("create_runtimes", "activate_profiler", "optimize_host_memory"):
+            _bool(name, getattr(self, name))
+        dev = self.device
+        ids = dev if isinstance(dev, list) else [dev] if dev is not None else []
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in ids):
+            raise ValueError(f"device must be a device id (int >= 0) or a list of them, got {dev!r}")
+        if self.device_map is not None and not isinstance(self.device_map, dict):
+            raise ValueError(f"device_map must be a dict, got {type(self.device_map).__name__}")
+        _positive_int("timeout", self.timeout)
+        if self.optimize_host_memory is not None:
+            logger.warning("`optimize_host_memory` is deprecated and will be removed in future versions.")
+        names = (type(self).__name__, rbln_name(type(self)))
+        if self.cls_name is not None and self.cls_name not in names:
+            raise ValueError(f"cls_name {self.cls_name!r} is not {names[1]!r} (or {names[0]!r})")
+        self.cls_name = None  # a class's own name is not a setting
 
     @property
     def npu_config(self) -> NPUConfig:
-        return get_preset(self.npu)
+        return resolve_npu(self.npu)
+
+    @property
+    def devices(self) -> int:
+        """Devices the model is compiled for (tensor_parallel_size or num_devices; 1 if unset)."""
+        return self.tensor_parallel_size or self.num_devices or 1
+
+    def check_compilable(self, where: str = "") -> None:
+        """Refuse, at compile, what the config accepts but the emulator cannot build yet."""
+        if self.devices > 1:
+            name = "tensor_parallel_size" if self.tensor_parallel_size else "num_devices"
+            raise NotImplementedError(
+                f"{where}{name} {self.devices}: tensor parallelism over several emulated devices "
+                "(issue 13) is not built yet; compile with 1"
+            )
 
     @classmethod
     def from_any(cls, value=None, **overrides):
@@ -80,29 +220,27 @@ class NPUModelConfig:
 
     @classmethod
     def create(cls, d: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cls_name"}
         if isinstance(d["npu"], NPUConfig):
             d["npu"] = d["npu"].to_dict()
         return d
 
     def save(self, directory) -> str:
         path = os.path.join(os.fspath(directory), CONFIG_NAME)
-        doc = {"class": type(self).__name__, **self.to_dict()}
+        doc = {"cls_name": rbln_name(type(self)), **self.to_dict()}
+        for sub, sub_cls in getattr(self, "SUBMODULES", {}).items():  # Optimum RBLN names each part's class
+            doc[sub] = {"cls_name": rbln_name(sub_cls), **doc[sub]}
         with new_file(path, suffix=".json") as tmp, open(tmp, "w") as f:
             json.dump(doc, f, indent=2)
         return path
 
     @classmethod
-    def load(cls, path, **kwargs):
-        """Read ``rbln_config.json`` (a file or the directory holding it); ``rbln_*`` kwargs
-        override saved values."""
+    def read(cls, path) -> tuple[str, dict]:
+        """(the class it names, its fields) of a saved ``rbln_config.json`` (ours or Optimum
+        RBLN's), a file or the directory holding it."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
@@ -113,60 +251,299 @@ class NPUModelConfig:
             raise FileNotFoundError(f"{path}: no {CONFIG_NAME}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        saved_class = doc.pop("class", cls.__name__)
-        if saved_class not in (cls.__name__, cls.__name__.replace("NPU", "RBLN")):
-            raise ValueError(f"{path} holds a {saved_class}, not a {cls.__name__}")
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: holds a JSON {type(doc).__name__}, not an object of fields")
+        if "_meta" in doc:  # Optimum RBLN's own refusal of its pre-0.8 format
+            raise RuntimeError(
+                f"`{path}` is an old version. Please recompile the model to get the latest config file."
+            )
+        saved = doc.pop("cls_name", None) or doc.pop("class", None) or cls.__name__
+        doc.pop("class", None)
+        return saved, doc
+
+    @classmethod
+    def load(cls, path, **kwargs):
+        """Read ``rbln_config.json`` (a file or the directory holding it); ``rbln_*`` kwargs
+        override saved values. A file naming another class logs a warning, as Optimum RBLN."""
+        saved, doc = cls.read(path)
+        if saved not in (cls.__name__, rbln_name(cls)):
+            logger.warning(f"Expected {rbln_name(cls)}, but got {saved}.")
         overrides, rest = strip_rbln(kwargs)
-        unknown = sorted(rest)
-        if unknown:
+        if rest:
             raise ValueError(
-                f"{cls.__name__}.load: unexpected keyword argument(s) {unknown} (use the rbln_ prefix)"
+                f"{cls.__name__}.load: unexpected keyword argument(s) {sorted(rest)} (use the rbln_ prefix)"
             )
         return cls.from_any(doc, **overrides)
 
 
-@dataclass
+def rbln_name(cls) -> str:
+    """Optimum RBLN's name of a config class (``NPU...`` -> ``RBLN...``)."""
+    return cls.__name__.replace("NPU", "RBLN", 1) if cls.__name__.startswith("NPU") else cls.__name__
+
+
+def normalize(config_cls, rbln_config=None, kwargs=None):
+    """The one way in for a model's configuration: ``rbln_config`` (None, a dict, a config
+    object, or the path of a saved ``rbln_config.json`` / its directory) with the ``rbln_*``
+    entries of ``kwargs`` over it, as one ``config_cls`` object. Returns (config, the kwargs
+    that are not ``rbln_*``)."""
+    overrides, rest = strip_rbln(dict(kwargs or {}))
+    if isinstance(rbln_config, (str, os.PathLike)):
+        rbln_config = config_cls.load(rbln_config)
+    if rbln_config is not None and not isinstance(rbln_config, (dict, config_cls)):
+        raise TypeError(
+            f"rbln_config must be a dict, a {config_cls.__name__} or a path to a saved one, "
+            f"got {type(rbln_config).__name__}"
+        )
+    return config_cls.from_any(rbln_config, **overrides), rest
+
+
+def given_fields(cfg) -> dict:
+    """The fields a config object was given (not the defaults it filled in); a sub-config's
+    as a dict of its own given fields, less those the enclosing config hands down to it."""
+    out = {}
+    for name in cfg._given:
+        value = getattr(cfg, name)
+        if isinstance(value, NPUModelConfig):
+            value = {k: v for k, v in given_fields(value).items() if k not in CHIP_FIELDS + ("batch_size",)}
+        out[name] = value
+    return out
+
+
+def _quantization(value) -> dict:
+    """Optimum RBLN's RBLNQuantizationConfig checks, on a dict; None / {} is no quantization."""
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"quantization must be a dict, got {type(value).__name__}")
+    q = dict(value)
+    unknown = sorted(set(q) - {"format", "weights", "activations", "kv_caches", "precision"})
+    if unknown:
+        raise ValueError(f"quantization: unexpected arguments {unknown}")
+    precision = q.pop("precision", None)
+    if precision is not None:
+        if q.get("weights") is not None or q.get("activations") is not None:
+            raise ValueError("`precision` and `weights` or `activations` cannot be set at the same time.")
+        if precision != "w4a16":
+            raise ValueError(f"Invalid precision: {precision}")
+        q.update(weights="int4", activations="fp16")
+    q = {
+        "format": q.get("format") or "rbln",
+        "weights": q.get("weights") or "fp16",
+        "activations": q.get("activations") or "fp16",
+        "kv_caches": q.get("kv_caches") or "fp16",
+    }
+    for key, allowed in (
+        ("format", QUANT_FORMATS),
+        ("weights", QUANT_WEIGHTS),
+        ("activations", QUANT_ACTIVATIONS),
+        ("kv_caches", QUANT_KVCACHES),
+    ):
+        if q[key] not in allowed:
+            raise ValueError(f"Invalid {key}: {q[key]}, supported {key} are: {list(allowed)}")
+    if q["weights"] == "fp16" and q["activations"] == "fp16":
+        raise ValueError(
+            "weights and activations of QuantizationConfig cannot be both fp16. It is meaningless."
+        )
+    return q
+
+
+@config_class
 class NPUGemma3ForCausalLMConfig(NPUModelConfig):
-    max_seq_len: int | None = None  # longest prompt + generation; None: max_position_embeddings
+    """Optimum RBLN's ``RBLNGemma3ForCausalLMConfig`` (and the decoder-only fields it inherits).
+    Positional: ``use_position_ids, use_attention_mask, prefill_chunk_size,
+    image_prefill_chunk_size``; everything else by keyword."""
+
+    use_position_ids: bool | None = None  # always True for Gemma3 (as Optimum RBLN forces it)
+    use_attention_mask: bool | None = None  # always True for Gemma3: left-padded batches
     prefill_chunk_size: int = 256  # prompt tokens per prefill step; positive, divisible by 64
     image_prefill_chunk_size: int | None = None  # must equal mm_tokens_per_image when set
-    use_position_ids: bool | None = None  # accept explicit position ids
-    use_attention_mask: bool | None = None  # accept an attention mask (left padding)
-    kvcache_partition_len: int | None = None  # KV-cache tile of the decode kernel; divides max_seq_len
-    tensor_parallel_size: int = 1  # chips a layer is split over (only 1 for now)
-    lora_config: dict | None = field(default=None)  # LoRA adapters (not yet supported)
+    _: KW_ONLY
+    max_seq_len: int | None = None  # longest prompt + generation; None: max_position_embeddings
+    use_inputs_embeds: bool = False  # compile a prefill that takes embeddings (inputs_embeds)
+    attn_impl: str | None = None  # "eager" or "flash_attn" (None: eager, or flash_attn with a partition)
+    kvcache_partition_len: int | None = None  # flash_attn: KV cache positions per partition
+    kvcache_block_size: int | None = None  # paged-cache block: the partition (flash) or max_seq_len (eager)
+    kvcache_num_blocks: int | None = None  # blocks in the cache; at least one sequence's worth per batch row
+    quantization: dict | None = None  # Optimum RBLN's quantization dict, checked; not emulated
+    lora_config: dict | None = None  # LoRA adapters (issue 12)
+    decoder_batch_sizes: list[int] | None = None  # one decoder per size, a batch padded to the next
+    cache_impl: str = "static"  # "static", "sliding_window", "hybrid": stored; caches follow layer_types
+    sliding_window: int | None = None  # window of the sliding layers; must match config.json when set
+    sliding_window_layers: list[int] = field(default_factory=list)  # ditto, the sliding layers' indices
+    phases: list[str] = field(default_factory=lambda: ["prefill", "decode"])  # phases compiled
+    logits_to_keep: int = 1  # positions whose logits prefill returns: the last one (0 means 1)
+    output_hidden_states: bool = False  # forward also returns every layer's hidden states
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("use_position_ids", "use_attention_mask", "use_inputs_embeds", "output_hidden_states"):
+            _bool(name, getattr(self, name))
+        # Optimum RBLN: "use_attention_mask and use_position_ids are always True for Gemma3"
+        self.use_position_ids = self.use_attention_mask = True
         _positive_int("max_seq_len", self.max_seq_len)
         _positive_int("prefill_chunk_size", self.prefill_chunk_size, allow_none=False)
         if self.prefill_chunk_size % 64:
             raise ValueError(f"prefill_chunk_size must be divisible by 64, got {self.prefill_chunk_size}")
         _positive_int("image_prefill_chunk_size", self.image_prefill_chunk_size)
-        for name in ("use_position_ids", "use_attention_mask"):
-            if getattr(self, name) not in (None, True, False):
-                raise ValueError(f"{name} must be a bool or None, got {getattr(self, name)!r}")
-        _positive_int("kvcache_partition_len", self.kvcache_partition_len)
-        if self.kvcache_partition_len and self.max_seq_len and self.max_seq_len % self.kvcache_partition_len:
+        if self.attn_impl not in (None, "eager", "flash_attn"):
+            raise ValueError(f"Unknown `attn_impl` : {self.attn_impl}. (Available : 'eager', 'flash_attn`)")
+        for name in ("kvcache_partition_len", "kvcache_block_size", "kvcache_num_blocks", "sliding_window"):
+            _positive_int(name, getattr(self, name))
+        if self.max_seq_len is not None:
+            self.attention(self.max_seq_len)  # the attention constraints, as soon as they can be checked
+        self.quantization = _quantization(self.quantization)
+        if self.cache_impl not in CACHE_IMPLS:
+            raise ValueError(f"cache_impl must be one of {list(CACHE_IMPLS)}, got {self.cache_impl!r}")
+        if not isinstance(self.sliding_window_layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.sliding_window_layers
+        ):
             raise ValueError(
-                f"kvcache_partition_len {self.kvcache_partition_len} must divide max_seq_len {self.max_seq_len}"
+                f"sliding_window_layers must be a list of layer indices, got {self.sliding_window_layers!r}"
             )
-        _positive_int("tensor_parallel_size", self.tensor_parallel_size, allow_none=False)
-        if self.tensor_parallel_size > 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size {self.tensor_parallel_size}: only 1 chip is emulated"
+        if not isinstance(self.phases, list):
+            raise ValueError("`phases` must be a list.")
+        if not all(p in PHASES for p in self.phases):
+            raise ValueError(f"All elements in `phases` must be of type `PhaseType`({PHASES}).")
+        if (
+            isinstance(self.logits_to_keep, bool)
+            or not isinstance(self.logits_to_keep, int)
+            or self.logits_to_keep < 0
+        ):
+            raise ValueError(f"logits_to_keep must be a non-negative integer, got {self.logits_to_keep!r}")
+        self.logits_to_keep = self.logits_to_keep or 1  # Optimum RBLN: 0 means the causal LM's default, 1
+        if self.logits_to_keep > 1:
+            raise NotImplementedError("`logits_to_keep` > 1 is currently not supported for RBLN models.")
+        if "decode" not in self.phases:
+            self.decoder_batch_sizes = None
+        else:
+            sizes = self.decoder_batch_sizes if self.decoder_batch_sizes is not None else [self.batch_size]
+            if not isinstance(sizes, list) or not sizes:
+                raise ValueError(f"decoder_batch_sizes must be a non-empty list, got {sizes!r}")
+            for s in sizes:
+                _positive_int("decoder_batch_sizes entries", s, allow_none=False)
+            if max(sizes) > self.batch_size:
+                raise ValueError(
+                    f"Decoder batch size ({max(sizes)}) must be less than or equal to the runtime batch "
+                    f"size ({self.batch_size})."
+                )
+            if max(sizes) < self.batch_size:
+                logger.warning(
+                    f"Maximum decoder batch size ({max(sizes)}) is less than the model's batch size "
+                    f"({self.batch_size}). Appending the model's batch size to the decoder batch size."
+                )
+                sizes = [*sizes, self.batch_size]
+            self.decoder_batch_sizes = sorted(set(sizes), reverse=True)  # larger first, as Optimum RBLN
+
+    def attention(self, max_seq_len: int) -> tuple[str, int | None, int]:
+        """(attn_impl, kvcache_partition_len, kvcache_block_size) resolved for ``max_seq_len``
+        with Optimum RBLN's defaults, checked against its constraints: eager up to 32 768
+        positions with one block of max_seq_len; flash_attn with 4 096..32 768-position
+        partitions (16 384 by default), at least two of them, dividing max_seq_len (>= 8 192),
+        and the block equal to the partition."""
+        impl, part, block = self.attn_impl or "eager", self.kvcache_partition_len, self.kvcache_block_size
+        if part is not None and impl == "eager":
+            impl = "flash_attn"  # a partition length means flash attention (Optimum RBLN switches too)
+        if part is None and impl == "flash_attn":
+            part = DEFAULT_FLASH_ATTN_PARTITION_LENGTH
+        if block is None:
+            block = max_seq_len if impl == "eager" else part
+        if impl == "eager" and max_seq_len > DEFAULT_MAX_EAGER_ATTN_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"`max_seq_len` is set to {max_seq_len}, which exceeds the limit of "
+                f"{DEFAULT_MAX_EAGER_ATTN_SEQUENCE_LENGTH} for 'eager' attention. Please reduce the "
+                f"`max_seq_len` to {DEFAULT_MAX_EAGER_ATTN_SEQUENCE_LENGTH} or lower, or consider "
+                "switching `attn_impl` to 'flash_attn' for larger sequence lengths."
             )
+        if impl == "flash_attn":
+            if max_seq_len // part < 2 or max_seq_len % part:
+                raise ValueError(
+                    f"`max_seq_len` ({max_seq_len}) must be a multiple of `kvcache_partition_len` ({part}) "
+                    "when using 'flash_attn'. Please adjust either value to meet this requirement."
+                )
+            if not MIN_FLASH_ATTN_PARTITION_LENGTH <= part <= MAX_FLASH_ATTN_PARTITION_LENGTH:
+                raise ValueError(
+                    f"`kvcache_partition_len` ({part}) is out of the supported range for 'flash_attn' "
+                    f"({MIN_FLASH_ATTN_PARTITION_LENGTH} <= `kvcache_partition_len` <= "
+                    f"{MAX_FLASH_ATTN_PARTITION_LENGTH}). Please provide a valid value within this range."
+                )
+            if max_seq_len < MIN_FLASH_ATTN_MAX_SEQ_LEN:
+                raise ValueError(
+                    f"`max_seq_len` ({max_seq_len}) is too small for 'flash_attn'. The minimum supported "
+                    f"value is {MIN_FLASH_ATTN_MAX_SEQ_LEN}. Please increase `max_seq_len` to meet this "
+                    "requirement, or consider switching `attn_impl` to 'eager' for shorter lengths."
+                )
+            if block != part:
+                raise ValueError(
+                    f"When using 'flash attention', the `kvcache_block_size` ({block}) must always be set "
+                    f"equal to the `kvcache_partition_len` {part}."
+                )
+        elif block != max_seq_len:
+            raise ValueError(
+                f"When using 'eager attention', the `kvcache_block_size` ({block}) must always be set "
+                f"equal to the `max_seq_len` {max_seq_len}."
+            )
+        return impl, part, block
+
+    def check_compilable(self, where: str = "") -> None:
+        super().check_compilable(where)
         if self.lora_config is not None:
-            raise NotImplementedError("lora_config: LoRA adapters are not supported yet")
+            raise NotImplementedError(f"{where}lora_config: LoRA adapters (issue 12) are not supported yet")
+        if self.quantization:
+            q = self.quantization
+            raise NotImplementedError(
+                f"{where}quantization weights={q['weights']} activations={q['activations']} "
+                f"kv_caches={q['kv_caches']} (format {q['format']!r}): quantized formats are not emulated"
+            )
+
+    def check_model(self, text, max_seq_len: int, where: str = "") -> None:
+        """At compile, against the model's config: the attention constraints, the cache
+        fields (Gemma3's cache is hybrid, its window and sliding layers those of config.json),
+        and the paged cache's size."""
+        self.check_compilable(where)
+        _, _, block = self.attention(max_seq_len)
+        sliding = [i for i in range(text.num_hidden_layers) if text.is_sliding(i)]
+        if self.sliding_window is not None and self.sliding_window != text.sliding_window:
+            raise ValueError(
+                f"{where}sliding_window {self.sliding_window} differs from config.json's sliding_window "
+                f"{text.sliding_window}: the sliding layers were trained with that window"
+            )
+        if self.sliding_window_layers and sorted(self.sliding_window_layers) != sliding:
+            raise ValueError(
+                f"{where}sliding_window_layers {self.sliding_window_layers} differ from the sliding layers "
+                f"of config.json's layer_types {sliding}"
+            )
+        if text.sliding_window > MAX_SLIDING_WINDOW_SIZE - self.prefill_chunk_size:
+            raise ValueError(
+                f"Sliding window size ({text.sliding_window}) must be less than 32768 - prefill_chunk_size "
+                f"({MAX_SLIDING_WINDOW_SIZE - self.prefill_chunk_size})"
+            )
+        if self.kvcache_num_blocks is not None:
+            need = self.batch_size * -(-max_seq_len // block)
+            if self.kvcache_num_blocks < need:
+                raise ValueError(
+                    f"{where}kvcache_num_blocks {self.kvcache_num_blocks} holds fewer than the {need} blocks "
+                    f"of {block} positions that batch_size {self.batch_size} sequences of max_seq_len "
+                    f"{max_seq_len} need"
+                )
+
+    @property
+    def can_generate(self) -> bool:
+        return "decode" in self.phases
 
 
-@dataclass
+@config_class
 class NPUSiglipVisionModelConfig(NPUModelConfig):
-    """The vision tower of an image+text model. Images are encoded one at a time (static
-    shapes, as on the chip), so ``batch_size`` is 1; the chip fields (``npu``, ``mode``,
-    ``numerics``) come from the enclosing model's config."""
+    """The vision tower of an image+text model (Optimum RBLN's ``RBLNSiglipVisionModelConfig``;
+    positional: ``batch_size, image_size``). Images are encoded one at a time (static shapes,
+    as on the chip), so ``batch_size`` is 1; the chip fields (``npu``, ``mode``, ``numerics``)
+    come from the enclosing model's config."""
 
+    batch_size: int = 1
     image_size: int | list[int] | None = None  # checked against vision_config.image_size when set
+    _: KW_ONLY
+    interpolate_pos_encoding: bool = False  # only the checkpoint's image size is supported
+    output_hidden_states: bool = False  # stored; the tower's hidden states are not returned
+    output_attentions: bool = False  # stored; attention weights are not returned
 
     def __post_init__(self):
         super().__post_init__()
@@ -174,6 +551,12 @@ class NPUSiglipVisionModelConfig(NPUModelConfig):
             raise ValueError(
                 f"batch_size must be 1 for the vision tower (images are encoded one at a time), "
                 f"got {self.batch_size!r}"
+            )
+        for name in ("interpolate_pos_encoding", "output_hidden_states", "output_attentions"):
+            _bool(name, getattr(self, name))
+        if self.interpolate_pos_encoding:
+            raise NotImplementedError(
+                "vision_tower.interpolate_pos_encoding: images other than the checkpoint's image_size"
             )
         size = self.image_size
         if isinstance(size, (list, tuple)):
@@ -191,44 +574,42 @@ CHIP_FIELDS = ("npu", "mode", "numerics")
 
 
 def _npu_key(value):
-    """A comparable form of an ``npu`` field (a preset name, an NPUConfig or its dict)."""
+    """A comparable form of an ``npu`` field (a preset name, an Optimum RBLN name, an NPUConfig
+    or its dict)."""
     try:
-        return get_preset(NPUConfig.from_dict(value) if isinstance(value, dict) else value)
+        return resolve_npu(value)
     except (ValueError, TypeError) as e:
         raise ValueError(f"npu: {e}") from None
 
 
 def _given(name: str, value, cls) -> dict:
-    """The fields a sub-config sets: a dict's keys, or an instance's non-default fields."""
+    """The fields a sub-config sets: a dict's keys, or the fields an instance was given."""
     if value is None:
         return {}
     if isinstance(value, dict):
-        return dict(value)
+        return {k: v for k, v in value.items() if k not in ("cls_name",) + OPTIMUM_ONLY_KEYS}
     if isinstance(value, cls):
-        return {
-            f.name: getattr(value, f.name)
-            for f in fields(cls)
-            if getattr(value, f.name) != (f.default if f.default_factory is MISSING else f.default_factory())
-        }
+        return given_fields(value)
     raise ValueError(f"{name} must be a dict or {cls.__name__}, got {type(value).__name__}")
 
 
-@dataclass
+@config_class
 class NPUGemma3ForConditionalGenerationConfig(NPUModelConfig):
     """Configuration of the image+text model (Optimum RBLN's
-    ``RBLNGemma3ForConditionalGenerationConfig``): ``batch_size`` (the language model's decode
-    batch; default 1), ``vision_tower`` (an ``NPUSiglipVisionModelConfig`` or its dict) and
-    ``language_model`` (an ``NPUGemma3ForCausalLMConfig`` or its dict). Both parts run on one
-    chip: ``npu``, ``mode`` and ``numerics`` are set here (or in a sub-config, taken up here) and
-    handed down; a sub-config that sets one of them, or ``batch_size``, differently raises."""
+    ``RBLNGemma3ForConditionalGenerationConfig(batch_size, vision_tower, language_model)``):
+    ``batch_size`` (the language model's decode batch; default 1), ``vision_tower`` (an
+    ``NPUSiglipVisionModelConfig`` or its dict) and ``language_model`` (an
+    ``NPUGemma3ForCausalLMConfig`` or its dict). Both parts run on one chip: ``npu``, ``mode``
+    and ``numerics`` are set here (or in a sub-config, taken up here) and handed down; a
+    sub-config that sets one of them, or ``batch_size``, differently raises."""
 
     batch_size: int | None = None
     vision_tower: NPUSiglipVisionModelConfig | dict | None = None
     language_model: NPUGemma3ForCausalLMConfig | dict | None = None
-    # keyword-only, after the sub-configs: the positional order is Optimum RBLN's
-    npu: str | NPUConfig | None = field(default=None, kw_only=True)
-    mode: str | None = field(default=None, kw_only=True)
-    numerics: str | None = field(default=None, kw_only=True)
+    _: KW_ONLY
+    npu: str | NPUConfig | None = None
+    mode: str | None = None
+    numerics: str | None = None
 
     SUBMODULES = {"vision_tower": NPUSiglipVisionModelConfig, "language_model": NPUGemma3ForCausalLMConfig}
 
@@ -237,6 +618,8 @@ class NPUGemma3ForConditionalGenerationConfig(NPUModelConfig):
         lm, vt = given["language_model"], given["vision_tower"]
         if self.batch_size is None:
             self.batch_size = lm.get("batch_size", 1)
+            if "batch_size" in lm:
+                object.__setattr__(self, "_given", self._given | {"batch_size"})
         _positive_int("batch_size", self.batch_size, allow_none=False)
         if lm.get("batch_size", self.batch_size) != self.batch_size:
             raise ValueError(
@@ -251,6 +634,7 @@ class NPUGemma3ForConditionalGenerationConfig(NPUModelConfig):
                     continue
                 if top is None:
                     top = d[name]
+                    object.__setattr__(self, "_given", self._given | {name})  # set, though in a part
                 elif key(d[name]) != key(top):
                     raise ValueError(
                         f"{sub}.{name} {d[name]!r} differs from the model's {name} {top!r}: both parts "

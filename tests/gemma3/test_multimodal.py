@@ -276,7 +276,8 @@ def test_save_and_reload_is_bit_identical_without_tracing(small, tmp_path, monke
     } <= files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     saved = json.loads((tmp_path / "compiled" / "rbln_config.json").read_text())
-    assert saved["class"] == "NPUGemma3ForConditionalGenerationConfig"
+    assert saved["cls_name"] == "RBLNGemma3ForConditionalGenerationConfig"
+    assert saved["language_model"]["cls_name"] == "RBLNGemma3ForCausalLMConfig"
     assert saved["language_model"]["image_prefill_chunk_size"] == 4
 
     from npu_emulator import device
@@ -367,7 +368,7 @@ C = NPUGemma3ForConditionalGenerationConfig
         ({"language_model": {"max_seq_len": -1}}, "language_model: max_seq_len must be a positive integer"),
         (
             {"language_model": {"warp": 1}},
-            r"language_model: NPUGemma3ForCausalLMConfig has no field\(s\) \['warp'\]",
+            r"language_model: Unexpected arguments: \[.warp.\] \(NPUGemma3ForCausalLMConfig",
         ),
         ({"language_model": 7}, "language_model must be a dict or NPUGemma3ForCausalLMConfig, got int"),
         (
@@ -379,7 +380,7 @@ C = NPUGemma3ForConditionalGenerationConfig
             "language_model.npu 'tiny' differs from the model's npu 'atom'",
         ),
         ({"numerics": "fp16"}, "numerics must be 'bf16' or 'fp32', got 'fp16'"),
-        ({"frobnicate": 1}, r"has no field\(s\) \['frobnicate'\]"),
+        ({"frobnicate": 1}, r"Unexpected arguments: \[.frobnicate.\]"),
     ],
 )
 def test_bad_configs_name_the_field(kwargs, message):
