@@ -307,7 +307,7 @@ PRESETS: dict[str, NPUConfig] = {
 RBLN_NPU_NAMES: dict[str, str] = {
     "RBLN-CA02": "rbln-ca02",
     "RBLN-CA12": "rbln-ca12",
-    "RBLN-CA15": "rbln-ca12",  # the same ATOM chip in another form factor (optimum-rbln's normalize_npu)
+    "RBLN-CA15": "rbln-ca12",  # the CA12's chip in another form factor (optimum-rbln's normalize_npu)
     "RBLN-CA22": "rbln-ca22",
     "RBLN-CA25": "rbln-ca25",
     "RBLN-CR03": "rebel100",
