@@ -10,6 +10,7 @@ from gemma3 import RBLNAutoModelForImageTextToText       # the class picked from
 """
 
 from .auto import RBLNAutoConfig, RBLNAutoModelForCausalLM, RBLNAutoModelForImageTextToText
+from .lora import RBLNLoRAAdapterConfig, RBLNLoRAConfig
 from .modeling import NPUGemma3ForCausalLM, RBLNGemma3ForCausalLM
 from .multimodal import NPUGemma3ForConditionalGeneration, RBLNGemma3ForConditionalGeneration
 from .processor import Gemma3Processor
@@ -36,5 +37,7 @@ __all__ = [
     "RBLNGemma3ForCausalLMConfig",
     "RBLNGemma3ForConditionalGeneration",
     "RBLNGemma3ForConditionalGenerationConfig",
+    "RBLNLoRAAdapterConfig",
+    "RBLNLoRAConfig",
     "RBLNSiglipVisionModelConfig",
 ]

@@ -52,6 +52,7 @@ from npu_kernels.rope import rope as rope_kernel
 from npu_kernels.rope import rope_tables
 
 from .config import FULL, SLIDING, Gemma3TextConfig
+from .lora import LoRAOnNPU
 from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
 
@@ -115,6 +116,8 @@ class Gemma3OnNPU:
             )
         self.positions = np.zeros(rbln.batch_size, np.int64)  # next position of each sequence
         self.cost = {"prefill": PhaseCost(), IMAGE_PREFILL: PhaseCost(), "decode": PhaseCost()}
+        # LoRA (gemma3/lora.py): the hook that adds each row's adapter to the projections.
+        self.lora = LoRAOnNPU(self, rbln.batch_size) if rbln.lora_config is not None else None
 
     def ring(self, layer: int) -> bool:
         """Whether a layer's cache is a ring buffer of ``ring_slots`` (the window in whole KV
@@ -176,6 +179,8 @@ class Gemma3OnNPU:
         kind = c.layer_types[i]
         h = self._run(phase, rmsnorm, x, w[f"{i}.input_layernorm"], eps=eps)
         qkv = self._run(phase, matmul, h, w[f"{i}.qkv"])  # (T, (Hq + 2 Hkv) * hd)
+        if self.lora:
+            qkv = self.lora.qkv(phase, i, h, qkv)
         q = qkv[:, : hq * hd].reshape(t, hq, hd)
         k = qkv[:, hq * hd : (hq + hkv) * hd].reshape(t, hkv, hd)
         v = np.ascontiguousarray(qkv[:, (hq + hkv) * hd :].reshape(t, hkv, hd))
@@ -186,9 +191,14 @@ class Gemma3OnNPU:
         k = self._run(phase, rope_kernel, k, w[f"cos_{kind}"], w[f"sin_{kind}"], pos)
         a = attend(i, q, k, v)  # (T, Hq * hd)
         o = self._run(phase, matmul, a, w[f"{i}.o"])
+        if self.lora:
+            o = self.lora.add(phase, i, "o", a, o)
         x = x + self._run(phase, rmsnorm, o, w[f"{i}.post_attention_layernorm"], eps=eps)
         h = self._run(phase, rmsnorm, x, w[f"{i}.pre_feedforward_layernorm"], eps=eps)
-        m = self._run(phase, geglu_mlp, h, w[f"{i}.gate"], w[f"{i}.up"], w[f"{i}.down"])
+        if self.lora and self.lora.targets_mlp(i):
+            m = self.lora.mlp(phase, i, h)
+        else:
+            m = self._run(phase, geglu_mlp, h, w[f"{i}.gate"], w[f"{i}.up"], w[f"{i}.down"])
         return x + self._run(phase, rmsnorm, m, w[f"{i}.post_feedforward_layernorm"], eps=eps)
 
     def _logits(self, phase, x_last):
@@ -264,6 +274,8 @@ class Gemma3OnNPU:
                 blocks = ((start, start + size),)
 
             attend = self._chunk_attention(phase, b, start, valid, positions, blocks)
+            if self.lora:
+                self.lora.select(slice(b, b + 1))
             for i in range(c.num_hidden_layers):
                 if layers is not None:
                     layers[i].append(np.array(x[:valid], np.float32))
@@ -359,6 +371,8 @@ class Gemma3OnNPU:
         if (pos >= self.max_seq_len).any():
             raise ValueError(f"a sequence reached max_seq_len {self.max_seq_len}")
         x = self._embed("decode", np.asarray(tokens))
+        if self.lora:
+            self.lora.select(slice(0, n))
 
         def attend(i, q, k, v):
             k_cache, v_cache = (self._rows(t, n) for t in self.caches[i])

@@ -44,6 +44,7 @@ from .hf_compat import (
     pretrained_config,
     resolve_model_dir,
 )
+from .lora import adapter_ids, lora_device_weights
 from .model import Gemma3OnNPU
 from .plans import PLANS, load_plans, save_plans
 from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, given_fields, normalize
@@ -385,6 +386,7 @@ class NPUGemma3PreTrainedModel:
         Sampling with torch inputs and no ``seed`` draws from torch's global generator, otherwise from
         ``np.random.default_rng(seed)``."""
         self._check_config_unchanged()
+        self._check_adapter_set()
         if not self.can_generate():
             raise ValueError(
                 f"this model was compiled without the decode phase (phases={self._lm_config.phases}); "
@@ -523,6 +525,26 @@ class NPUGemma3PreTrainedModel:
 
         return input_ids, rows
 
+    # ------------------------------------------------------------------ LoRA
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Sets the active adapter(s) by name (Optimum RBLN's ``set_adapter``): one name for
+        every batch row, or a list of one name per row (its length the compiled batch_size);
+        "base" is the model without an adapter. Raises ValueError if the model is not
+        configured with LoRA or if an adapter name is not found."""
+        lm = self._lm_config
+        self.runtime.lora.ids[:] = adapter_ids(lm.lora_config, adapter_name, lm.batch_size)
+        self._adapter_set = True
+
+    def _check_adapter_set(self) -> None:
+        """A model compiled with LoRA runs once an adapter is set, as Optimum RBLN's runtime."""
+        if self._lm_config.use_lora and not getattr(self, "_adapter_set", False):
+            raise ValueError(
+                "lora_int_id is required when using LoRA. "
+                "You should call set_lora_int_ids() before forward() or pass lora_int_id to forward(). "
+                "(Here: call set_adapter(name) first.)"
+            )
+
     # ------------------------------------------------------------------ as transformers' models
 
     @property
@@ -577,6 +599,7 @@ class NPUGemma3PreTrainedModel:
         tokens' 0, 1, 2, ... (left padding); the image model also takes ``pixel_values`` and
         ``token_type_ids``. The model stays ready for another forward or generate."""
         self._check_config_unchanged()
+        self._check_adapter_set()
         lm = self._lm_config
         prepare = self._forward_prepare(kwargs, embeds=inputs_embeds is not None)
         if kwargs:
@@ -669,6 +692,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
         ckpt = Checkpoint(directory)
         names = text_weights(ckpt, config)
         weights = Gemma3OnNPU.device_weights(config, lambda n: ckpt.float32(names[n]))
+        weights.update(lora_device_weights(config, rbln.lora_config))
         return cls(directory, config, rbln, weights, gen)
 
     @classmethod
@@ -679,6 +703,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
     def _compiled_fields(cls, rbln) -> dict:
         fields = {f: getattr(rbln, f) for f in ("batch_size", "max_seq_len", "prefill_chunk_size")}
         fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS})
+        fields["lora_config"] = rbln.to_dict()["lora_config"]  # the adapters are in the compiled weights
         return {**fields, "npu": rbln.npu_config}  # the chip itself, however it was named
 
     def _config_json(self) -> dict:

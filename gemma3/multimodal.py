@@ -34,6 +34,7 @@ import numpy as np
 from npu_emulator import CycleReport
 
 from .config import Gemma3TextConfig, read_json
+from .lora import lora_device_weights
 from .model import IMAGE_PREFILL, Gemma3OnNPU
 from .modeling import (
     GRAPH_FIELDS,
@@ -193,6 +194,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         ckpt = Checkpoint(directory)
         names = text_weights(ckpt, config.text)
         text = Gemma3OnNPU.device_weights(config.text, lambda n: ckpt.float32(names[n]))
+        text.update(lora_device_weights(config.text, rbln.language_model.lora_config, image_text=True))
         return cls(directory, config, rbln, text, load_vision_weights(ckpt, config.vision), gen)
 
     @classmethod
@@ -210,6 +212,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
             "language_model.max_seq_len": lm.max_seq_len,
             "language_model.prefill_chunk_size": lm.prefill_chunk_size,
             **{f"language_model.{f}": getattr(lm, f) for f in GRAPH_FIELDS},
+            "language_model.lora_config": lm.to_dict()["lora_config"],
         }
 
     def _plan_all(self):

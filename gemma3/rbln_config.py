@@ -15,8 +15,9 @@ is entered, and passed down from there.
 
 Fields that only steer Optimum RBLN's runtime on real devices (``create_runtimes``, ``device``,
 ``device_map``, ``activate_profiler``, ``timeout``, ``optimize_host_memory``) are checked,
-stored and saved, and change nothing here. ``tensor_parallel_size`` / ``num_devices`` above 1 and
-``lora_config`` are accepted by the config and refused when compiling (issues 13 and 12).
+stored and saved, and change nothing here. ``tensor_parallel_size`` / ``num_devices`` above 1
+are accepted by the config and refused when compiling (issue 13). ``lora_config`` (a dict or an
+``RBLNLoRAConfig``, gemma3/lora.py) becomes an ``RBLNLoRAConfig``, saved as its dict.
 
 The image+text model's config (``NPUGemma3ForConditionalGenerationConfig``) holds two
 sub-configs, ``vision_tower`` and ``language_model``, as dicts or config objects; overriding
@@ -34,6 +35,7 @@ from dataclasses import KW_ONLY, dataclass, field, fields
 from npu_emulator import PRESETS, RBLN_NPU_NAMES, NPUConfig, get_preset
 
 from .atomic import new_file
+from .lora import RBLNLoRAConfig
 
 CONFIG_NAME = "rbln_config.json"
 logger = logging.getLogger(__name__)
@@ -365,7 +367,7 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
     kvcache_block_size: int | None = None  # paged-cache block: the partition (flash) or max_seq_len (eager)
     kvcache_num_blocks: int | None = None  # blocks in the cache; at least one sequence's worth per batch row
     quantization: dict | None = None  # Optimum RBLN's quantization dict, checked; not emulated
-    lora_config: dict | None = None  # LoRA adapters (issue 12)
+    lora_config: RBLNLoRAConfig | dict | None = None  # LoRA adapters, fixed at compile (gemma3/lora.py)
     decoder_batch_sizes: list[int] | None = None  # one decoder per size, a batch padded to the next
     cache_impl: str = "static"  # "static", "sliding_window", "hybrid": stored; caches follow layer_types
     sliding_window: int | None = None  # window of the sliding layers; must match config.json when set
@@ -392,6 +394,7 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
         if self.max_seq_len is not None:
             self.attention(self.max_seq_len)  # the attention constraints, as soon as they can be checked
         self.quantization = _quantization(self.quantization)
+        self.lora_config = RBLNLoRAConfig.create(self.lora_config)
         if self.cache_impl not in CACHE_IMPLS:
             raise ValueError(f"cache_impl must be one of {list(CACHE_IMPLS)}, got {self.cache_impl!r}")
         if not isinstance(self.sliding_window_layers, list) or not all(
@@ -486,8 +489,6 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
 
     def check_compilable(self, where: str = "") -> None:
         super().check_compilable(where)
-        if self.lora_config is not None:
-            raise NotImplementedError(f"{where}lora_config: LoRA adapters (issue 12) are not supported yet")
         if self.quantization:
             q = self.quantization
             raise NotImplementedError(
@@ -529,6 +530,16 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
     @property
     def can_generate(self) -> bool:
         return "decode" in self.phases
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora_config is not None
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.lora_config is not None:
+            d["lora_config"] = self.lora_config.to_dict()
+        return d
 
 
 @config_class

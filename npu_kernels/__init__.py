@@ -13,6 +13,7 @@ from .attention_prefill import attention_prefill
 from .embedding import embedding
 from .kvcache import kv_cache_write
 from .lm_head import lm_head
+from .lora import geglu_combine, lora
 from .matmul import linear, matmul
 from .mlp import geglu_mlp, siglip_mlp
 from .norms import layernorm, rmsnorm
@@ -34,6 +35,8 @@ ALL: tuple[Kernel, ...] = (
     kv_cache_write,
     embedding,
     lm_head,
+    lora,
+    geglu_combine,
     patch_embed,
     mm_projector,
 )

@@ -88,7 +88,7 @@ def test_tensor_parallel_is_refused_at_compile_naming_issue_13(text):
         RBLNGemma3ForCausalLM.from_pretrained(root / "ckpt", rbln_tensor_parallel_size=8, **CHIP)
     with pytest.raises(NotImplementedError, match=r"num_devices 2: tensor parallelism"):
         RBLNGemma3ForCausalLM.from_pretrained(root / "ckpt", rbln_num_devices=2, **CHIP)
-    with pytest.raises(NotImplementedError, match=r"lora_config: LoRA adapters \(issue 12\)"):
+    with pytest.raises(ValueError, match=r"adapters list cannot be empty"):  # LoRA: tests/gemma3/test_lora.py
         RBLNGemma3ForCausalLM.from_pretrained(root / "ckpt", rbln_lora_config={"adapters": []}, **CHIP)
     with pytest.raises(
         NotImplementedError, match=r"quantization weights=int4 .*quantized formats are not emulated"
