@@ -231,3 +231,16 @@ def projector_shapes(
     gp = draw(st.integers(1, max_side if pool == 1 else max_pooled_side), label="tokens_per_side")
     dv = draw(sizes(max_value=max_dim, awkward=VISION_SIZES), label="Dv")
     return gp * pool, pool, dv, draw(sizes(max_value=max_dim, awkward=VISION_SIZES), label="Dt")
+
+
+@st.composite
+def lora_cases(draw, *, max_groups: int = 3, max_rows: int = 70, max_d: int = 150, max_rank: int = 64):
+    """(G, rows per group, Din, Dout, R, N) for the lora kernel: decode (one row per group, several
+    groups) and prefill (one group of many rows, past TINY's 64-row matmul limit); widths off
+    every tile; ranks 1 to 64 (R is a matmul N and K: TINY's limit); 2 to 4 adapters."""
+    g = draw(st.integers(1, max_groups), label="G")
+    rows = draw(st.sampled_from([1, 1, 2, 7, 64, max_rows]), label="rows per group")
+    din = draw(sizes(max_value=max_d), label="Din")
+    dout = draw(sizes(max_value=max_d), label="Dout")
+    r = draw(st.sampled_from([1, 4, 8, 16, max_rank]), label="R")
+    return g, rows, din, dout, r, draw(st.integers(2, 4), label="N")
