@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mode", choices=["fast", "tile"], default=None)
     g.add_argument("--trace", metavar="OUT.json", help="write the emulated timeline of the whole run")
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="compile a LoRA adapter (a peft directory or a hub id in the local Hugging Face cache) "
+        "under NAME (repeat for several; ids 1, 2, ... in order)",
+    )
+    g.add_argument("--adapter", metavar="NAME", help="the adapter to generate with (default: base, none)")
     e = sub.add_parser(
         "estimate",
         help="plan-only cost of a config.json (Gemma3, Qwen3 or Llama-style) on a chip preset, no weights",
@@ -140,6 +148,8 @@ def generate(args) -> int:
         kwargs["rbln_npu"] = args.npu
     if args.mode:
         kwargs["rbln_mode"] = args.mode
+    if args.lora:
+        kwargs["rbln_lora_config"] = _lora_config(args.lora)
     t0 = time.perf_counter()
     default = args.model is None
     if default:
@@ -156,7 +166,7 @@ def generate(args) -> int:
     tok = Gemma3Tokenizer(args.model)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = tok.encode(prompt, add_special_tokens=not args.chat)
-    if default:  # compiled once into the cache, for at least this many positions
+    if default and not args.lora:  # compiled once into the cache, for at least this many positions
         from .default_model import compiled_default_dir
 
         args.model = compiled_default_dir(
@@ -169,6 +179,7 @@ def generate(args) -> int:
         sizes = _sequence_sizes(max(64, len(ids) + args.max_new_tokens))
         kwargs.update({f"rbln_{k}": v for k, v in sizes.items()})
     model = NPUGemma3ForCausalLM.from_pretrained(args.model, **kwargs)
+    _set_adapter(model, args)
     print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     gen = _sampling(args)
     if args.chat:
@@ -192,6 +203,23 @@ def _sequence_sizes(max_seq_len: int) -> dict:
 
     chunk = NPUGemma3ForCausalLMConfig().prefill_chunk_size
     return {"max_seq_len": max_seq_len, "prefill_chunk_size": max(64, min(chunk, max_seq_len // 64 * 64))}
+
+
+def _lora_config(specs: list[str]) -> dict:
+    """``--lora NAME=PATH`` options -> a lora_config dict (ids 1, 2, ... in order)."""
+    adapters = []
+    for k, spec in enumerate(specs):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=PATH (a peft adapter directory or a hub id)")
+        adapters.append({"lora_int_id": k + 1, "lora_name": name, "lora_path": path})
+    return {"adapters": adapters}
+
+
+def _set_adapter(model, args) -> None:
+    """``--adapter NAME`` (a model compiled with LoRA and no --adapter: the base model)."""
+    if args.adapter is not None or model._lm_config.use_lora:
+        model.set_adapter(args.adapter if args.adapter is not None else "base")
 
 
 def _sampling(args) -> dict:
@@ -248,9 +276,15 @@ def generate_with_images(args) -> int:
         kwargs["rbln_language_model"] = _sequence_sizes(
             max(64, inputs["input_ids"].shape[1] + args.max_new_tokens)
         )
+    if args.lora:
+        kwargs["rbln_language_model"] = {
+            **kwargs.get("rbln_language_model", {}),
+            "lora_config": _lora_config(args.lora),
+        }
     if not compiled:
         print("compiling (planning every kernel for the chip) ...", file=sys.stderr, flush=True)
     model = NPUGemma3ForConditionalGeneration.from_pretrained(args.model, **kwargs)
+    _set_adapter(model, args)
     print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     sys.stdout.write(args.prompt + "\n" if args.chat else text)
     model.generate(**inputs, streamer=TextStream(processor.tokenizer), **_sampling(args))

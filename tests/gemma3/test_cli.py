@@ -76,3 +76,53 @@ def test_bad_model_directory_is_a_clear_error(tmp_path):
     out = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
     assert out.returncode != 0
     assert "missing" in out.stderr
+
+
+def test_generate_with_a_lora_adapter(model_dir, tmp_path, capsys):
+    """``--lora NAME=PATH --adapter NAME``: the streamed text is what the Python API generates
+    with that adapter set (bf16, as the CLI runs; tests/gemma3/test_lora.py holds peft parity)."""
+    pytest.importorskip("peft", reason="the oracle extra is not installed")
+    import transformers
+
+    from gemma3 import RBLNGemma3ForCausalLM
+    from gemma3.cli import main
+    from gemma3.tokenizer import Gemma3Tokenizer
+    from tests.gemma3.test_lora import save_adapter
+
+    base = transformers.Gemma3ForCausalLM.from_pretrained(model_dir).eval()
+    save_adapter(base, tmp_path / "style", 4, 8, 64, ["q_proj", "down_proj"], False)
+    tok = Gemma3Tokenizer(str(model_dir))
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt, add_special_tokens=True)
+    lora = {"adapters": [{"lora_int_id": 1, "lora_name": "style", "lora_path": tmp_path / "style"}]}
+    api = RBLNGemma3ForCausalLM.from_pretrained(
+        model_dir, rbln_npu="tiny", rbln_max_seq_len=64, rbln_prefill_chunk_size=64, rbln_lora_config=lora
+    )
+    texts = {}
+    for name in ("style", "base"):
+        api.set_adapter(name)
+        texts[name] = tok.decode(
+            api.generate([ids], max_new_tokens=4)[0][len(ids) :], skip_special_tokens=True
+        )
+    assert texts["style"] != texts["base"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "4",
+        "--npu",
+        "tiny",
+    ]
+    lora = ["--lora", f"style={tmp_path / 'style'}"]
+    for name in ("style", "base"):
+        assert main([*args, *lora, "--adapter", name]) == 0
+        assert capsys.readouterr().out.startswith(prompt + texts[name] + "\n")
+    assert main([*args, *lora, "--adapter", "nope"]) == 1
+    assert "Adapter(s) ['nope'] not found. Available adapters: ['base', 'style']" in capsys.readouterr().err
+    assert main([*args, "--lora", "style"]) == 1
+    assert "--lora 'style': expected NAME=PATH" in capsys.readouterr().err
+    assert main([*args, "--adapter", "style"]) == 1
+    assert "Model is not configured with LoRA" in capsys.readouterr().err
