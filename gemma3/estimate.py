@@ -44,6 +44,7 @@ from npu_kernels.attention_prefill import attention_prefill
 from npu_kernels.embedding import embedding
 from npu_kernels.kvcache import kv_cache_write
 from npu_kernels.lm_head import lm_head
+from npu_kernels.lora import geglu_combine, lora
 from npu_kernels.matmul import matmul
 from npu_kernels.mlp import geglu_mlp
 from npu_kernels.norms import rmsnorm
@@ -55,7 +56,20 @@ from .config import FULL, SLIDING, Gemma3TextConfig, RopeParams, read_json
 LLAMA_STYLE = ("llama", "qwen3", "qwen2", "mistral")
 WEIGHTS_DTYPES = ("bf16", "fp32")
 # Kernel roles, in the order the breakdown lists them; "linear" sums the projections and the MLP.
-ROLES = ("embedding", "norms", "qkv_proj", "rope", "attention", "kv_cache_write", "o_proj", "mlp", "lm_head")
+ROLES = (
+    "embedding",
+    "norms",
+    "qkv_proj",
+    "rope",
+    "attention",
+    "kv_cache_write",
+    "o_proj",
+    "mlp",
+    "lora",
+    "lm_head",
+)
+# LoRA targets the estimate can cost (gemma3/lora.py): our short names of the decoder projections.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LINEAR = ("qkv_proj", "o_proj", "mlp")
 
 
@@ -273,12 +287,18 @@ def estimate(
     weights_dtype: str = "bf16",
     max_seq_len: int | None = None,
     tp: int = 1,
+    lora_rank: int | None = None,
+    lora_adapters: int = 1,
+    lora_targets=LORA_TARGETS,
 ) -> Estimate:
     """Plan-only cost of ``config`` (a config.json path, or a ``Gemma3TextConfig``) on ``npu``
     (a preset name or an ``NPUConfig``): ``batch`` sequences of ``prompt_tokens`` each, then
     ``new_tokens`` new tokens each. ``max_seq_len`` (the compiled cache length) defaults to
     prompt + new tokens. ``tp`` (tensor parallel devices) is a parameter for when several
-    devices are emulated; only 1 is supported now."""
+    devices are emulated; only 1 is supported now. ``lora_rank``: compile ``lora_adapters``
+    LoRA adapters (plus the reserved base one) padded to this rank on ``lora_targets``, as
+    ``Gemma3OnNPU`` runs them (the lora kernel after each targeted projection; the MLP unfused
+    when a target is in it); their kernels show as the role "lora"."""
     if isinstance(config, Gemma3TextConfig):
         c, scale, family = config, config.embed_scale, "gemma3"
         model = "gemma3"
@@ -305,6 +325,12 @@ def estimate(
         )
     cfg = get_preset(npu)
     plan = _Planner(_device(cfg, weights_dtype), c, scale, batch, max_seq_len)
+    if lora_rank is not None:
+        plan.lora = (_positive("lora_rank", lora_rank), _positive("lora_adapters", lora_adapters) + 1)
+        unknown = sorted(set(lora_targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"lora_targets {unknown}: the projections are {list(LORA_TARGETS)}")
+        plan.lora_targets = tuple(lora_targets)
 
     prefill = PhaseEstimate()
     for start in range(0, prompt_tokens, chunk):
@@ -353,6 +379,9 @@ class _Planner:
             )
         global_slots = math.ceil(max_seq_len / self.kv_tile) * self.kv_tile
         self.slots = [c.sliding_window if self.ring(i) else global_slots for i in range(c.num_hidden_layers)]
+        self.lora: tuple[int, int] | None = None  # (rank, adapters with the base one)
+        self.lora_targets: tuple[str, ...] = ()
+        self.groups = 1  # adapter ids per lora call: 1 in prefill (one sequence), the batch in decode
 
     def ring(self, i: int) -> bool:
         return self.c.is_sliding(i) and self.c.sliding_window < self.max_seq_len
@@ -380,17 +409,37 @@ class _Planner:
         cos = f(c.max_position_embeddings, hd)
         self.add(phase, "norms", rmsnorm, [f(t, d), f(d)], norm, times)
         self.add(phase, "qkv_proj", matmul, [f(t, d), f(d, (hq + 2 * hkv) * hd)], None, times)
+        for target, width in (("q", hq * hd), ("k", hkv * hd), ("v", hkv * hd)):
+            self.add_lora(phase, target, t, d, width, times)
         self.add(phase, "norms", rmsnorm, [f(t, hq, hd), f(hd)], norm, times)
         self.add(phase, "norms", rmsnorm, [f(t, hkv, hd), f(hd)], norm, times)
         self.add(phase, "rope", rope, [f(t, hq, hd), cos, cos, self.i32(t)], None, times)
         self.add(phase, "rope", rope, [f(t, hkv, hd), cos, cos, self.i32(t)], None, times)
         attend(i)
         self.add(phase, "o_proj", matmul, [f(t, hq * hd), f(hq * hd, d)], None, times)
+        self.add_lora(phase, "o", t, hq * hd, d, times)
         for _ in range(2):  # post-attention, pre-feedforward
             self.add(phase, "norms", rmsnorm, [f(t, d), f(d)], norm, times)
         f_ = c.intermediate_size
-        self.add(phase, "mlp", geglu_mlp, [f(t, d), f(d, f_), f(d, f_), f(f_, d)], None, times)
+        if self.lora and set(self.lora_targets) & {"gate", "up", "down"}:  # unfused, as LoRAOnNPU.mlp
+            for target in ("gate", "up"):
+                self.add(phase, "mlp", matmul, [f(t, d), f(d, f_)], None, times)
+                self.add_lora(phase, target, t, d, f_, times)
+            self.add(phase, "mlp", geglu_combine, [f(t, f_), f(t, f_)], None, times)
+            self.add(phase, "mlp", matmul, [f(t, f_), f(f_, d)], None, times)
+            self.add_lora(phase, "down", t, f_, d, times)
+        else:
+            self.add(phase, "mlp", geglu_mlp, [f(t, d), f(d, f_), f(d, f_), f(f_, d)], None, times)
         self.add(phase, "norms", rmsnorm, [f(t, d), f(d)], norm, times)
+
+    def add_lora(self, phase, target, t, din, dout, times):
+        """The lora kernel after a projection an adapter targets: t rows, one adapter id per
+        sequence (a decode step: each of its t rows; a prefill chunk: one)."""
+        if not self.lora or target not in self.lora_targets:
+            return
+        r, n, f = *self.lora, self.f
+        sig = [f(t, din), f(t, dout), f(n, din, r), f(n, dout, r), self.i32(self.groups)]
+        self.add(phase, "lora", lora, sig, None, times)
 
     def logits(self, phase, rows, times):
         c, f = self.c, self.f
@@ -415,6 +464,7 @@ class _Planner:
         c, f, b = self.c, self.f, self.batch
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         phase.calls += b
+        self.groups = 1
         self.add(
             phase,
             "embedding",
@@ -449,6 +499,7 @@ class _Planner:
         c, f, b = self.c, self.f, self.batch
         hq, hd = c.num_attention_heads, c.head_dim
         phase.calls += 1
+        self.groups = b
         self.add(
             phase,
             "embedding",

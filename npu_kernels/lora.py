@@ -11,8 +11,9 @@ batch; a prefill chunk: one sequence, G = 1). N counts the reserved base adapter
 zeros); every adapter is zero-padded to the common rank R (``max_lora_rank``).
 out (T, Dout) in y's dtype. No compile-time constants besides an optional ``plan``.
 
-Plan: a work unit is one row block (at most ``matmul_max_m`` rows) of one group; units go to
-the engines round robin. Each engine loads its group's id into local SRAM (on a queue its
+Plan: a work unit is one row block (at most ``matmul_max_m`` rows) of one group, a group cut
+into enough blocks to reach every engine, and, when there are fewer blocks than engines (a
+decode step), one block of the output columns; units go to the engines round robin. Each engine loads its group's id into local SRAM (on a queue its
 gathers do not use), then per unit:
 
 * A phase: for each tile of ``kt`` input columns, the x tile by DMA and the adapter's
@@ -25,8 +26,10 @@ gathers do not use), then per unit:
 
 Buffers are double-buffered (``depth``), so gathers and loads overlap the products.
 SRAM per engine: depth x (x tile + A tile + B tile + y tile + out tiles) + u.
-FLOPs: 2 T R (Din + Dout) on the matrix unit; T Dout vector adds.
-DRAM bytes: the A and B of the adapters read (once per unit), x and y read, out written:
+FLOPs: 2 T R (Din + Dout) on the matrix unit (x @ A once more per extra column block);
+T Dout vector adds.
+DRAM bytes: the A of the adapters read once per unit, their B once per row block, x and y
+read, out written:
 a decode step reads each selected adapter's (Din + Dout) R weights, not the base weights again.
 """
 
@@ -110,8 +113,9 @@ def choose_plan(cfg, rows: int, din: int, dout: int, r: int, dtype: str = "bf16"
             f"lora: rank {r} exceeds the matrix unit's limits (N {cfg.matmul_max_n}, K {cfg.matmul_max_k})"
         )
     esz = itemsize(dtype)
+    widest = max(1, cfg.vector_max_elements // rows)  # output columns one vector add may cover
     for kt in (min(din, cfg.matmul_max_k), cfg.mac_rows):
-        for jt in (min(dout, cfg.matmul_max_n), cfg.mac_cols):
+        for jt in (min(dout, cfg.matmul_max_n, widest), min(cfg.mac_cols, widest)):
             p = LoraPlan(min(kt, din), min(jt, dout))
             if _fits(cfg, rows, r, esz, p):
                 return p
@@ -125,15 +129,23 @@ def lora_emit(k, x, y, a, b, ids, *, plan: LoraPlan | None = None):
     cfg = k.config
     (t, din), (n, dout, r), g = x.shape, b.shape, ids.shape[0]
     s = t // g
-    block = min(s, cfg.matmul_max_m)
+    # Row blocks within the matrix unit's M limit, and enough of them that a one-group prefill
+    # chunk spreads over the engines (each block reads its adapter's A and B: small beside x).
+    blocks = max(ceil_div(s, cfg.matmul_max_m), min(s, cfg.num_engines // g))
+    block = ceil_div(s, blocks)
     p = plan or choose_plan(cfg, block, din, dout, r, x.dtype)
     out = k.output((t, dout), y.dtype, name="out")
-    units = [(gi, gi * s + r0, rl) for gi in range(g) for r0, rl in split(s, ceil_div(s, block))]
+    rows = [(gi, gi * s + r0, rl) for gi in range(g) for r0, rl in split(s, blocks)]
+    # Fewer row blocks than engines (a decode step): the output columns are split too, each
+    # engine computing the whole u of its rows and its columns of u @ B^T, so that every engine
+    # and its DMA queues share the adapter's bytes.
+    cols = split(dout, max(1, min(cfg.num_engines // len(rows), ceil_div(dout, cfg.mac_cols))))
+    units = [(gi, r0, rl, c0, cw) for gi, r0, rl in rows for c0, cw in cols]
     a2, b2 = a.reshape(n, din * r), b.reshape(n, dout * r)  # one row per adapter: the gathers' tables
     # Compulsory traffic: x, y and out once, the A and B of each unit's adapter.
     k.set_roofline_bytes(
         (t * din + 2 * t * dout) * itemsize(x.dtype)
-        + len(units) * (din + dout) * r * itemsize(a.dtype)
+        + len(rows) * (len(cols) * din + dout) * r * itemsize(a.dtype)
         + 4 * g
     )
     engines = min(len(units), cfg.num_engines)
@@ -148,7 +160,7 @@ def _engine_program(k, e, x, y, a2, b2, ids, out, units, r, p: LoraPlan):
     cfg = k.config
     lq, sq = load_store_queues(cfg, e)
     iq = index_queue(cfg, lq, sq)
-    rows_max = max(rl for _, _, rl in units)
+    rows_max = max(u[2] for u in units)
     din, dout = x.shape[1], y.shape[1]
     dt = x.dtype
     idx = k.alloc((1,), "int32", engine=e, name=f"id_e{e}")
@@ -162,7 +174,7 @@ def _engine_program(k, e, x, y, a2, b2, ids, out, units, r, p: LoraPlan):
     acc = [k.alloc((rows_max, p.jt), "fp32", engine=e, name=f"acc{i}_e{e}") for i in range(d)]
     os_ = [k.alloc((rows_max, p.jt), y.dtype, engine=e, name=f"o{i}_e{e}") for i in range(d)]
     step = 0
-    for gi, r0, rl in units:
+    for gi, r0, rl, c0, cw in units:
         k.dma(idx, ids[gi : gi + 1], queue=iq)
         for i, (k0, kl) in enumerate(tiles(din, p.kt)):
             sl = step % d
@@ -174,7 +186,7 @@ def _engine_program(k, e, x, y, a2, b2, ids, out, units, r, p: LoraPlan):
             step += 1
             yield
         k.vector("copy", uc[:rl], u[:rl])  # the cast: the second product reads u in the device dtype
-        for j0, jl in tiles(dout, p.jt):
+        for j0, jl in ((c0 + j, jl) for j, jl in tiles(cw, p.jt)):
             sl = step % d
             q = lq[step % len(lq)]
             tb = bt[sl][:jl]
@@ -185,11 +197,6 @@ def _engine_program(k, e, x, y, a2, b2, ids, out, units, r, p: LoraPlan):
             k.dma(out[r0 : r0 + rl, j0 : j0 + jl], os_[sl][:rl, :jl], queue=sq[step % len(sq)])
             step += 1
             yield
-
-
-def flops(t: int, din: int, dout: int, r: int) -> int:
-    """Matrix-unit FLOPs of one call: the two low-rank products."""
-    return 2 * t * r * (din + dout)
 
 
 # ----------------------------------------------------------------- the GeGLU epilogue, unfused
@@ -240,5 +247,4 @@ __all__ = [
     "geglu_combine_reference",
     "LoraPlan",
     "choose_plan",
-    "flops",
 ]

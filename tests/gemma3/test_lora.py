@@ -295,3 +295,33 @@ def test_image_text_language_side_matches_peft(tmp_path):
         want_tokens, want_logits = oracle_steps(oracles[name], PROMPTS[0])
         np.testing.assert_array_equal(tokens[0], want_tokens)
         np.testing.assert_allclose(logits[0], want_logits, atol=TOL, rtol=0)
+
+
+def test_estimate_with_lora_equals_the_compiled_models_cycles(text):
+    """gemma3.estimate plans the LoRA kernels as the model runs them (every projection targeted
+    by some adapter, rank padded to the largest, 3 adapters and the base one)."""
+    from gemma3.estimate import estimate
+
+    root, _, _, model = text
+    model.set_adapter(["alpha", "beta", "base"])
+    ids = (np.arange(70) % 290 + 3)[None].repeat(3, 0)
+    model.generate(ids, max_new_tokens=4)
+    reports = model.runtime.reports()
+    e = estimate(
+        root / "ckpt" / "config.json",
+        "tiny",
+        batch=3,
+        prompt_tokens=70,
+        new_tokens=4,
+        chunk=64,
+        max_seq_len=128,
+        lora_rank=8,
+        lora_adapters=3,
+    )
+    assert (e.prefill.cycles, e.decode.cycles) == (reports["prefill"].cycles, reports["decode"].cycles)
+    kernels = e.to_dict()["phases"]["decode_step"]["kernels"]
+    assert kernels["lora"]["calls"] == 7 * 3  # every projection of the 3 layers
+    plain = estimate(root / "ckpt" / "config.json", "tiny", batch=3, prompt_tokens=70, new_tokens=4, chunk=64)
+    assert "lora" not in plain.to_dict()["phases"]["decode_step"]["kernels"]
+    with pytest.raises(ValueError, match=r"lora_targets \['lm'\]: the projections are"):
+        estimate(root / "ckpt" / "config.json", "tiny", lora_rank=8, lora_targets=["q", "lm"])

@@ -47,10 +47,13 @@ def test_fp32_both_modes_equal_numpy_and_each_other(case, seed, cfg):
     for out in (tile, fast):
         assert out.shape == y.shape
         assert np.all(np.abs(out - ref) <= bound + 1e-30)
-    np.testing.assert_allclose(tile, fast, rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(tile - fast) <= 2 * bound + 1e-30)  # k-tiled sums round differently
     assert rep_tile == rep_fast  # identical cycle reports: same stream, same schedule
     g, per, din, dout, r, _ = case
-    assert rep_tile.flops == 2 * g * per * r * (din + dout)
+    # u = x @ A once per block of output columns (a decode step splits them over the engines)
+    t = g * per
+    assert rep_tile.flops >= 2 * t * r * (din + dout)
+    assert (rep_tile.flops - 2 * t * r * dout) % (2 * t * r * din) == 0
     assert rep_tile.cycles >= roofline(rep_tile, cfg)
 
 
@@ -79,26 +82,21 @@ def test_base_adapter_adds_nothing_and_rows_pick_their_adapter():
 
 def test_decode_costs_the_adapters_read_not_the_base_weights():
     """One decode row on atom at Gemma 3 4B's q_proj (2560 -> 2048), rank 16: the DRAM bytes are
-    x, y, out and one adapter's A and B, and the cycles stay near that traffic's bound."""
+    x, y, out, the adapter's B once and its A once per engine (each engine computes the whole u
+    of the row for its block of output columns), far below the base weights' 2560 x 2048."""
     cfg = get_preset("atom")
     din, dout, r = 2560, 2048, 16
-    rep = (
-        NPU(cfg)
-        .plan(
-            lora,
-            [
-                ((1, din), "bf16"),
-                ((1, dout), "bf16"),
-                ((4, din, r), "bf16"),
-                ((4, dout, r), "bf16"),
-                ((1,), "int32"),
-            ],
-            {},
-        )
-        .report
-    )
-    adapter = (din + dout) * r * 2
-    assert rep.dram_bytes == adapter + (din + 2 * dout) * 2 + 4
+    sig = [
+        ((1, din), "bf16"),
+        ((1, dout), "bf16"),
+        ((4, din, r), "bf16"),
+        ((4, dout, r), "bf16"),
+        ((1,), "int32"),
+    ]
+    rep = NPU(cfg).plan(lora, sig, {}).report
+    e = cfg.num_engines  # each reads the row, its id and the adapter's A
+    assert rep.dram_bytes == (e * din + dout) * r * 2 + (e * din + 2 * dout) * 2 + 4 * e
+    assert rep.dram_bytes < din * dout * 2 / 10
     assert rep.cycles >= roofline(rep, cfg)
 
 
