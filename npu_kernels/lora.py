@@ -161,7 +161,7 @@ def _engine_program(k, e, x, y, a2, b2, ids, out, units, r, p: LoraPlan):
     lq, sq = load_store_queues(cfg, e)
     iq = index_queue(cfg, lq, sq)
     rows_max = max(u[2] for u in units)
-    din, dout = x.shape[1], y.shape[1]
+    din = x.shape[1]
     dt = x.dtype
     idx = k.alloc((1,), "int32", engine=e, name=f"id_e{e}")
     u = k.alloc((rows_max, r), "fp32", engine=e, name=f"u_e{e}")
