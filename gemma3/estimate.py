@@ -49,7 +49,7 @@ from npu_kernels.mlp import geglu_mlp
 from npu_kernels.norms import rmsnorm
 from npu_kernels.rope import rope
 
-from .config import FULL, SLIDING, Gemma3TextConfig, RopeParams, read_json
+from .config import FULL, SHAPE_FIELDS, SLIDING, Gemma3TextConfig, RopeParams, read_json, require_fields
 
 # model_type of config.json files costed as Gemma3's kernels with every layer global.
 LLAMA_STYLE = ("llama", "qwen3", "qwen2", "mistral")
@@ -77,17 +77,8 @@ def read_config(path) -> tuple[Gemma3TextConfig, float, str]:
             f"{source}: model_type {model_type!r} is not one the estimate costs "
             f"(gemma3, gemma3_text, {', '.join(LLAMA_STYLE)})"
         )
-    required = [
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-    ]
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{source}: missing field(s) {missing}")
-    for k in required:
+    require_fields(d, SHAPE_FIELDS, source)
+    for k in SHAPE_FIELDS:
         if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1:
             raise ValueError(f"{source}: {k} must be a positive integer, got {d[k]!r}")
     heads = d["num_attention_heads"]
