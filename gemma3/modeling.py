@@ -393,13 +393,7 @@ class NPUGemma3PreTrainedModel:
         streamer = kwargs.pop("streamer", None)
         embeds = kwargs.pop("inputs_embeds", None)
         prompt_given = input_ids is not None
-        if embeds is not None:
-            input_ids, prepare = self._embeds_inputs(input_ids, embeds, attention_mask, prepare)
-        if input_ids is None:
-            raise ValueError("generate needs input_ids or inputs_embeds")
-        kind, ids = _to_numpy(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        kind, ids, prepare = self._prompt_ids("generate", input_ids, embeds, attention_mask, prepare)
         model_ids = {
             k: getattr(self.model_config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")
         }
@@ -487,6 +481,16 @@ class NPUGemma3PreTrainedModel:
                 tuple(_from_numpy(kind, x, input_ids) for x in scores) if settings.output_scores else None,
             )
         return sequences
+
+    def _prompt_ids(self, what, input_ids, embeds, attention_mask, prepare):
+        """(kind of input, ids (B, T) int64, prepare) of a ``generate`` or ``forward`` call from
+        ``input_ids`` or ``inputs_embeds`` (``_embeds_inputs``)."""
+        if embeds is not None:
+            input_ids, prepare = self._embeds_inputs(input_ids, embeds, attention_mask, prepare)
+        if input_ids is None:
+            raise ValueError(f"{what} needs input_ids or inputs_embeds")
+        kind, ids = _to_numpy(input_ids)
+        return kind, (ids[None] if ids.ndim == 1 else ids), prepare
 
     def _embeds_inputs(self, input_ids, embeds, attention_mask, prepare):
         """``inputs_embeds`` (B, T, hidden) for a model compiled with ``use_inputs_embeds``:
@@ -581,13 +585,7 @@ class NPUGemma3PreTrainedModel:
         prepare = self._forward_prepare(kwargs, embeds=inputs_embeds is not None)
         if kwargs:
             raise TypeError(f"forward: unexpected keyword argument(s) {sorted(kwargs)}")
-        if inputs_embeds is not None:
-            input_ids, prepare = self._embeds_inputs(input_ids, inputs_embeds, attention_mask, prepare)
-        if input_ids is None:
-            raise ValueError("forward needs input_ids or inputs_embeds")
-        kind, ids = _to_numpy(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        kind, ids, prepare = self._prompt_ids("forward", input_ids, inputs_embeds, attention_mask, prepare)
         mask = np.ones_like(ids) if attention_mask is None else _attention_mask(attention_mask, ids)
         self._check_prompts(ids, mask)
         if ids.shape[0] > self.rbln_config.batch_size:
