@@ -53,6 +53,8 @@ from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensor
 COMPILED = "compiled"
 # Language-model fields that choose which graphs are compiled and what they take and return.
 GRAPH_FIELDS = ("decoder_batch_sizes", "phases", "use_inputs_embeds", "output_hidden_states")
+# The decode attention kernel and its plans (flash_attn: partitioned, model.py).
+ATTENTION_FIELDS = ("attn_impl", "kvcache_partition_len", "kvcache_block_size", "relax_flash_attn_limits")
 WEIGHTS = "weights.safetensors"
 MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)
 
@@ -676,7 +678,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
     @classmethod
     def _compiled_fields(cls, rbln) -> dict:
         fields = {f: getattr(rbln, f) for f in ("batch_size", "max_seq_len", "prefill_chunk_size")}
-        fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS})
+        fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS + ATTENTION_FIELDS})
         return {**fields, "npu": rbln.npu_config}  # the chip itself, however it was named
 
     def _config_json(self) -> dict:

@@ -120,6 +120,16 @@ def decode_shapes(draw, *, max_tiles: int = 6):
 
 
 @st.composite
+def flash_decode_shapes(draw, *, max_part_tiles: int = 4, max_parts: int = 3):
+    """(B, Hkv, G, hd, tiles per partition, live partitions, S - L) for attention_decode_flash:
+    decode_shapes' heads with L = live partitions x partition slots."""
+    b, hkv, group, hd, _, extra = draw(decode_shapes(max_tiles=1))
+    part_tiles = draw(st.integers(1, max_part_tiles), label="tiles per partition")
+    parts = draw(st.integers(1, max_parts), label="live partitions")
+    return b, hkv, group, hd, part_tiles, parts, extra
+
+
+@st.composite
 def kv_cache_writes(draw, *, max_len: int = 40):
     """(B, Hkv, S, hd, slots (B', T), batch offset): a global cache (slot = position, positions
     stay below S) or a ring buffer (slot = position % S; a chunk may wrap around, and may be
