@@ -428,7 +428,8 @@ class Gemma3OnNPU:
                     ((b, c.num_attention_heads, c.head_dim), cache[1]),
                     cache,
                     cache,
-                    ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), "fp32"),
+                    # The mask as decode uploads it (float arrays go up in the device dtype).
+                    ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), self.npu.dtype),
                 ],
                 dict(scale=c.attention_scale, **consts),
             )
