@@ -149,6 +149,7 @@ class GroupContext:
         self.units_per_device = self.devices[0].n_units
         self.links: dict[tuple[int, int], int] = {}  # (src, dst) -> index of its link queue
         self.link_res: dict[int, tuple] = {}  # send id -> resources it uses
+        self.returned: list[list[Buffer]] = []  # emit's outputs, per output one buffer per device
 
     def __getitem__(self, d: int) -> DeviceContext:
         return self.devices[d]
@@ -448,7 +449,7 @@ class DeviceGroup:
                 )
             for k in g:
                 k.check_outputs_written()
-            stream, sched, res_names = _schedule_group(g)
+            stream, sched = _schedule_group(g)
         finally:
             for k in g:
                 k.release_all()
@@ -620,7 +621,7 @@ def _schedule_group(g: GroupContext):
         unit_names=names,
         unit_is_dma=unit_is_dma,
     )
-    return stream, Schedule(start, data_start, end, busy, float(total)), index
+    return stream, Schedule(start, data_start, end, busy, float(total))
 
 
 def _device_stream(stream: _Stream, d: int, upd: int, k: KernelContext):
