@@ -19,8 +19,9 @@ The roofline the decode step is held against: weight bytes per device / sustaine
 bandwidth; what TP cannot divide: the collectives (2 all-reduces a layer, each at least one
 link latency per step of its algorithm), every kernel's launch cost and the host's time per call.
 
-Plans take host time: the first run plans every kernel at every shard shape (a few minutes for
-the default rows on a 2-core machine); the wall time is printed.
+Plans take host time: every kernel is planned at every shard shape (the default 15 rows took
+8 minutes on a loaded 2-core machine; ``--models 4b,27b --tp 8,16`` is the short run of the
+cases the Rebellions model zoo runs); the wall time is printed.
 """
 
 from __future__ import annotations
