@@ -492,13 +492,9 @@ class _Planner:
         if self.group is None:
             return
         sig = [[(shape, dtype or self.dt)] * self.group.num_devices]
-        if kernel is all_reduce:
-            algorithms = ("ring", "tree") if self.group.link.topology == "switch" else ("ring",)
-            reports = [self.group.plan(kernel, sig, {"algorithm": a}).report for a in algorithms]
-            report = min(reports, key=lambda r: r.cycles)
-        else:
-            report = self.group.plan(kernel, sig, {}).report
-        phase.add_collective(role, report, times)
+        algorithms = ("ring", "tree") if self.group.link.topology == "switch" else ("ring",)
+        reports = [self.group.plan(kernel, sig, {"algorithm": a}).report for a in algorithms]
+        phase.add_collective(role, min(reports, key=lambda r: r.cycles), times)
 
     def layer(self, phase, i, t, attend, times):
         """One decoder layer on t rows, as ``Gemma3OnNPU._layer``; ``attend`` adds the attention."""

@@ -3,9 +3,11 @@
 IO: every device holds one DRAM tensor per input, in the device dtype; the collectives work on
 its elements in row-major order (a flat vector of S elements, any shape).
 
+Each takes ``algorithm="ring"`` (any topology) or ``"tree"`` (a switch: any device reaches any
+other; on a ring it raises NotImplementedError).
+
 * ``all_reduce(x)``: x of the same shape on every device -> the elementwise sum, same shape,
-  on every device. ``algorithm="ring"`` (any topology) or ``"tree"`` (a switch: any device
-  reaches any other).
+  on every device.
 * ``reduce_scatter(x)``: x of the same shape on every device -> device d holds chunk d of the
   flattened sum, (l_d,), the chunks near-equal in device order (the first S % N one longer).
 * ``all_gather(x)``: device d holds x_d of any shape -> every device holds the concatenation
@@ -24,7 +26,9 @@ when the sends do not wait for DRAM, where t_add is one chunk's reduction on the
 ``ring_all_reduce_cycles``). Tree (all-reduce): partners 1, 2, 4, ... apart add the whole tensor
 pairwise towards device 0 (ceil(log2 N) steps), then device 0's sum is broadcast back down the
 same tree: 2 ceil(log2 N) steps of the whole B each; fewer latencies, more bytes: the better
-for small tensors (a decode step's (batch, hidden) activations), the ring for large ones.
+for small tensors (a decode step's (batch, hidden) activations), the ring for large ones. The
+tree's reduce-scatter sums on device 0 the same way, then sends each subtree its chunks down;
+its all-gather sends each subtree's blocks up to device 0, then the whole down.
 
 Each reduction streams a chunk through the engines' local SRAM in tiles of at most
 ``vector_max_elements`` (3 device-dtype tiles per slot, 2 slots per engine: the load of tile
@@ -70,10 +74,27 @@ def _pieces(cfg, start: int, length: int):
         yield s, min(cfg.dma_max_elements, start + length - s)
 
 
-def _send(k, dst_device, dst, dst_start, src, src_start, length):
-    """Send ``length`` flat elements, in as many descriptors as the limit needs."""
+def _send(k, dst_device, dst, dst_start, src, src_start, length, after=()):
+    """Send ``length`` flat elements, in as many descriptors as the limit needs; returns the
+    last one's id."""
+    iid = None
     for s, n in _pieces(k.config, src_start, length):
-        k.send(dst_device, dst.region(dst_start + s - src_start, (n,), (1,)), src.region(s, (n,), (1,)))
+        iid = k.send(
+            dst_device,
+            dst.region(dst_start + s - src_start, (n,), (1,)),
+            src.region(s, (n,), (1,)),
+            after=after,
+        )
+    return iid
+
+
+def _down_the_tree(n, send):
+    """``send(d, p, stride)`` down the tree, level by level from the farthest partner. A
+    device's sends to its partners are in flight together: their latencies overlap, their bytes
+    share its port."""
+    for stride in reversed(_strides(n)):
+        for d in range(0, n - stride, 2 * stride):
+            send(d, d + stride, stride)
 
 
 def _copy(k, dst, src, length):
@@ -178,40 +199,54 @@ def all_reduce_emit(g, x, algorithm: str = "ring"):
     return outs
 
 
-def _tree_all_reduce(g, x, outs):
+def _need_switch(g, what):
     if g.link.topology != "switch":
         raise NotImplementedError(
-            f"tree all-reduce on a {g.link.topology} ({g.link.name}): partners 2, 4, ... apart are no "
+            f"tree {what} on a {g.link.topology} ({g.link.name}): partners 2, 4, ... apart are no "
             "neighbours; use algorithm='ring'"
         )
-    n, size = len(g), x[0].size
-    flat_x, flat_out = [_flat(b) for b in x], [_flat(o) for o in outs]
+
+
+def _strides(n: int) -> list[int]:
+    """The tree's levels: partners 1, 2, 4, ... apart."""
+    out, stride = [], 1
+    while stride < n:
+        out.append(stride)
+        stride *= 2
+    return out
+
+
+def _tree_reduce(g, flat_x, flat_acc, size):
+    """Pairwise sums up the tree: device d + stride sends its partial sum to device d, which
+    adds it to its own; device 0's ``flat_acc`` ends with the whole sum."""
+    n = len(g)
     recv = [g[d].dram((size,), name="recv") for d in range(n)]
     adders = [_Adder(g[d]) for d in range(n)]
-    reduced = [False] * n  # whether device d's partial sum is in out yet (else it is x)
-    strides = []
-    stride = 1
-    while stride < n:
-        strides.append(stride)
-        for d in range(0, n, 2 * stride):
+    reduced = [False] * n  # whether device d's partial sum is in acc yet (else it is x)
+    for stride in _strides(n):
+        for d in range(0, n - stride, 2 * stride):
             p = d + stride
-            if p >= n:
-                continue
-            src = flat_out[p] if reduced[p] else flat_x[p]
-            _send(g[p], d, _flat(recv[d]), 0, src, 0, size)
-            own = flat_out[d] if reduced[d] else flat_x[d]
-            adders[d].add(flat_out[d], 0, own, 0, _flat(recv[d]), 0, size)
+            _send(g[p], d, _flat(recv[d]), 0, flat_acc[p] if reduced[p] else flat_x[p], 0, size)
+            own = flat_acc[d] if reduced[d] else flat_x[d]
+            adders[d].add(flat_acc[d], 0, own, 0, _flat(recv[d]), 0, size)
             reduced[d] = True
-        stride *= 2
-    for stride in reversed(strides):
-        for d in range(0, n, 2 * stride):
-            if d + stride < n:
-                _send(g[d], d + stride, flat_out[d + stride], 0, flat_out[d], 0, size)
+
+
+def _tree_all_reduce(g, x, outs):
+    _need_switch(g, "all-reduce")
+    n, size = len(g), x[0].size
+    flat_out = [_flat(o) for o in outs]
+    _tree_reduce(g, [_flat(b) for b in x], flat_out, size)
+    # device 0's sum back down the same tree
+    _down_the_tree(n, lambda d, p, _: _send(g[d], p, flat_out[p], 0, flat_out[d], 0, size))
     return outs
 
 
-def reduce_scatter_emit(g, x):
-    """Chunk d of the flattened sum of ``x`` on device d (see the module docstring)."""
+def reduce_scatter_emit(g, x, algorithm: str = "ring"):
+    """Chunk d of the flattened sum of ``x`` on device d (see the module docstring); the tree
+    sums the whole tensor on device 0, then sends each subtree its chunks down the tree."""
+    if algorithm not in ALGORITHMS:
+        raise KernelError(f"reduce_scatter: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     _check_same_shapes("reduce_scatter", x)
     n, size = len(g), x[0].size
     parts = chunks(size, n)
@@ -223,9 +258,25 @@ def reduce_scatter_emit(g, x):
     if n == 1:
         _copy(g[0], _flat(outs[0]), _flat(x[0]), size)
         return outs
-    # Partial sums in DRAM scratch; the last step's (chunk d on device d) goes to the output.
+    # Partial sums in DRAM scratch.
     acc = [_flat(g[d].dram((size,), name="partial")) for d in range(n)]
+    if algorithm == "tree":
+        _need_switch(g, "reduce-scatter")
+        _tree_reduce(g, [_flat(b) for b in x], acc, size)
 
+        def scatter(d, p, stride):
+            last = min(p + stride, n) - 1  # the subtree of p holds devices p .. last
+            lo, hi = parts[p][0], parts[last][0] + parts[last][1]
+            _send(g[d], p, acc[p], lo, acc[d], lo, hi - lo)
+
+        _down_the_tree(n, scatter)
+        for d in range(n):
+            start, length = parts[d]
+            for s, m in _pieces(g.config, start, length):
+                g[d].dma(_flat(outs[d]).region(s - start, (m,), (1,)), acc[d].region(s, (m,), (1,)), queue=0)
+        return outs
+
+    # Ring: the last step's sum (chunk d on device d) goes straight to the output.
     def target(d, c):
         if c == d:
             return _flat(outs[d]), 0
@@ -235,8 +286,11 @@ def reduce_scatter_emit(g, x):
     return outs
 
 
-def all_gather_emit(g, x):
-    """The flattened ``x`` of every device, concatenated in device order, on every device."""
+def all_gather_emit(g, x, algorithm: str = "ring"):
+    """The flattened ``x`` of every device, concatenated in device order, on every device; the
+    tree gathers the blocks up to device 0, then sends the whole down the tree."""
+    if algorithm not in ALGORITHMS:
+        raise KernelError(f"all_gather: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     n = len(g)
     sizes = [b.size for b in x]
     total = sum(sizes)
@@ -246,6 +300,19 @@ def all_gather_emit(g, x):
     for d in range(n):
         if sizes[d]:
             g[d].dma(flat_out[d].region(starts[d], (sizes[d],), (1,)), _flat(x[d]), queue=0)
+    if algorithm == "tree" and n > 1:
+        _need_switch(g, "all-gather")
+        for stride in _strides(n):
+            for d in range(0, n - stride, 2 * stride):
+                p = d + stride
+                if stride == 1:  # its own block: straight from x, not waiting for the copy
+                    _send(g[p], d, flat_out[d], starts[p], _flat(x[p]), 0, sizes[p])
+                    continue
+                last = min(p + stride, n) - 1  # p holds the blocks of devices p .. last
+                lo, hi = starts[p], starts[last] + sizes[last]
+                _send(g[p], d, flat_out[d], lo, flat_out[p], lo, hi - lo)
+        _down_the_tree(n, lambda d, p, _: _send(g[d], p, flat_out[p], 0, flat_out[d], 0, total))
+        return outs
     for s in range(n - 1):
         for e in range(n):
             c = (e - s) % n
@@ -290,17 +357,17 @@ def all_reduce_fast(x, algorithm: str = "ring", numerics: str = "fp32"):
     return [total.reshape(np.shape(x[0])) for _ in x]
 
 
-def reduce_scatter_reference(x):
+def reduce_scatter_reference(x, algorithm: str = "ring"):
     total = np.sum([np.asarray(a, np.float64).reshape(-1) for a in x], axis=0).astype(np.float32)
     return [total[s : s + n] for s, n in chunks(total.size, len(x))]
 
 
-def reduce_scatter_fast(x, numerics: str = "fp32"):
-    total = all_reduce_fast(x, "ring", numerics)[0].reshape(-1)
+def reduce_scatter_fast(x, algorithm: str = "ring", numerics: str = "fp32"):
+    total = all_reduce_fast(x, algorithm, numerics)[0].reshape(-1)
     return [total[s : s + n] for s, n in chunks(total.size, len(x))]
 
 
-def all_gather_reference(x):
+def all_gather_reference(x, algorithm: str = "ring"):
     whole = np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in x])
     return [whole for _ in x]
 

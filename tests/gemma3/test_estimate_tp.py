@@ -60,7 +60,7 @@ def test_tp_step_is_one_devices_share_plus_the_collectives(tmp_path, tp, hq, hkv
     # on the tiny ring, the ring algorithm.
     group = DeviceGroup(TINY, tp)
     ar = group.plan(all_reduce, [[((1, d), bf)] * tp], {"algorithm": "ring"}).report.cycles
-    ag = group.plan(all_gather, [[((1, 2), "fp32")] * tp], {}).report.cycles
+    ag = group.plan(all_gather, [[((1, 2), "fp32")] * tp], {"algorithm": "ring"}).report.cycles
     assert (roles["all_reduce"].calls, roles["all_reduce"].cycles) == (2 * layers + 1, (2 * layers + 1) * ar)
     assert (roles["all_gather"].calls, roles["all_gather"].cycles) == (1, ag)
     assert step.comm_cycles == (2 * layers + 1) * ar + ag
@@ -83,16 +83,10 @@ def test_tp_1_has_no_collectives_and_keeps_its_cycles(tmp_path):
 
 
 def test_tp_decode_gets_faster_while_communication_grows(tmp_path):
-    # Wide enough that a decode step streams its weights (memory bound) on TINY.
-    path = qwen3(
-        tmp_path / "config.json",
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=1,
-        head_dim=64,
-    )
-    runs = [estimate(path, "tiny", tp=tp, prompt_tokens=64, new_tokens=2, chunk=64) for tp in (1, 2, 4)]
+    # An MLP and vocabulary wide enough that a decode step streams its weights (memory bound)
+    # on TINY, so shards shorten it while the collectives' share grows.
+    path = qwen3(tmp_path / "config.json", vocab_size=1024, intermediate_size=384)
+    runs = [estimate(path, "tiny", tp=tp, **WORKLOAD) for tp in (1, 2, 4)]
     steps = [r.decode_step_ms for r in runs]
     shares = [r.decode_step.split()["communication"] for r in runs]
     assert steps[0] > steps[1] > steps[2]
@@ -117,3 +111,14 @@ def test_cli_tp_prints_the_split_and_json(tmp_path):
         got["decode_step_comm_ms"] == pytest.approx(want["decode_step_comm_ms"])
         and got["decode_step_comm_ms"] > 0
     )
+
+
+def test_on_a_switch_each_collective_takes_the_faster_algorithm(tmp_path):
+    # atom's devices meet at a PCIe switch: a decode step's (1, hidden) all-reduce is latency
+    # bound, so the tree's 2 log2 N steps beat the ring's 2 (N - 1).
+    e = estimate(qwen3(tmp_path / "config.json"), "atom", tp=4, **WORKLOAD)
+    group = DeviceGroup("atom", 4)
+    sig = [[((1, 64), "bf16")] * 4]
+    ring, tree = (group.plan(all_reduce, sig, {"algorithm": a}).report.cycles for a in ("ring", "tree"))
+    assert tree < ring
+    assert e.decode_step.roles["all_reduce"].cycles == 7 * tree

@@ -66,15 +66,21 @@ def test_all_reduce_bf16_fast_rounds_as_tile(case, seed, algorithm):
 
 
 @settings(max_examples=15, deadline=None)
-@given(case=collective_cases(), seed=seeds, numerics=st.sampled_from(["fp32", "bf16"]))
-def test_reduce_scatter_both_modes(case, seed, numerics):
+@given(
+    case=collective_cases(),
+    seed=seeds,
+    numerics=st.sampled_from(["fp32", "bf16"]),
+    algorithm=st.sampled_from(["ring", "tree"]),
+)
+def test_reduce_scatter_both_modes(case, seed, numerics, algorithm):
     n, shape = case
     xs = [arrays(shape, seed + d) for d in range(n)]
+    link = SWITCH if algorithm == "tree" else None
     if np.prod(shape) < n:
         with pytest.raises(NotImplementedError, match="empty chunk"):
-            DeviceGroup(TINY, n).run(reduce_scatter, xs)
+            DeviceGroup(TINY, n).run(reduce_scatter, xs, algorithm=algorithm)
         return
-    (tile, fast), _ = run_both(n, reduce_scatter, xs, numerics)
+    (tile, fast), _ = run_both(n, reduce_scatter, xs, numerics, link=link, algorithm=algorithm)
     ref = reduce_scatter_reference(xs)
     bound = sum_bound([x.reshape(-1) for x in xs])
     for d, (start, length) in enumerate(chunks(int(np.prod(shape)), n)):
@@ -85,17 +91,19 @@ def test_reduce_scatter_both_modes(case, seed, numerics):
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 4), data=st.data(), seed=seeds)
-def test_all_gather_both_modes_equal_numpy(n, data, seed):
+@given(n=st.integers(1, 5), data=st.data(), seed=seeds, algorithm=st.sampled_from(["ring", "tree"]))
+def test_all_gather_both_modes_equal_numpy(n, data, seed, algorithm):
     # Shards of different sizes.
     sizes = [data.draw(st.integers(1, 70), label=f"size{d}") for d in range(n)]
     xs = [arrays((s,), seed + d) for d, s in enumerate(sizes)]
-    (tile, fast), rep = run_both(n, all_gather, xs)
+    link = SWITCH if algorithm == "tree" else None
+    (tile, fast), rep = run_both(n, all_gather, xs, link=link, algorithm=algorithm)
     ref = all_gather_reference(xs)
     for d in range(n):
         np.testing.assert_array_equal(tile[d], ref[d])
         np.testing.assert_array_equal(fast[d], ref[d])
-    assert rep.link_bytes == (n - 1) * sum(sizes) * 2  # every shard crosses N - 1 links once
+    if algorithm == "ring":
+        assert rep.link_bytes == (n - 1) * sum(sizes) * 2  # every shard crosses N - 1 links once
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
@@ -113,6 +121,23 @@ def test_ring_all_reduce_cycles_follow_the_cost_formula(n):
     ) * (2 * (TINY.dma_dram_latency + 128 / TINY.dma_queue_bytes_per_cycle) + TINY.vector_latency + 4)
     # on one link 2 (N - 1) / N of the tensor
     assert all(v["bytes"] == 2 * (n - 1) * nbytes // n for v in rep.links.values())
+
+
+def test_tree_all_gather_cycles_are_its_sends():
+    # 64 bf16 elements (128 B) a device on the tiny switch: latency 100, 4 B/cycle a port.
+    lat, bw = SWITCH.latency_cycles, SWITCH.bytes_per_cycle
+    ones = np.ones(64, np.float32)
+
+    def cycles(n):
+        return DeviceGroup(TINY, n, link=SWITCH).run(all_gather, [ones] * n, algorithm="tree")[1].cycles
+
+    # Two devices: 1 sends its block up, 0 sends the whole (256 B) back down.
+    assert cycles(2) == (lat + 128 / bw) + (lat + 256 / bw)
+    # Four: 1 -> 0 and 3 -> 2 (one block), then 2 -> 0 (two blocks); down, 0 sends the whole
+    # (512 B) to 2 and to 1 at once, the two sharing its port, then 2 -> 3.
+    up = (lat + 128 / bw) + (lat + 256 / bw)
+    down = (lat + 2 * 512 / bw) + (lat + 512 / bw)
+    assert cycles(4) == up + down
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])
@@ -160,7 +185,12 @@ def test_ring_allows_neighbours_only_and_tree_needs_a_switch():
     xs = [np.ones(8, np.float32)] * 4
     with pytest.raises(KernelError, match="devices 2 and 0 are not neighbours on the tiny-ring ring of 4"):
         DeviceGroup(TINY, 4).run(TO_DEVICE0, xs)
-    with pytest.raises(NotImplementedError, match="tree all-reduce on a ring"):
-        DeviceGroup(TINY, 4).run(all_reduce, xs, algorithm="tree")
+    for kernel, what in (
+        (all_reduce, "all-reduce"),
+        (all_gather, "all-gather"),
+        (reduce_scatter, "reduce-scatter"),
+    ):
+        with pytest.raises(NotImplementedError, match=f"tree {what} on a ring"):
+            DeviceGroup(TINY, 4).run(kernel, xs, algorithm="tree")
     with pytest.raises(KernelError, match="one shape"):
         DeviceGroup(TINY, 2).run(all_reduce, [np.ones(8, np.float32), np.ones(9, np.float32)])
