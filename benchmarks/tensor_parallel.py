@@ -20,7 +20,7 @@ bandwidth; what TP cannot divide: the collectives (2 all-reduces a layer, each a
 link latency per step of its algorithm), every kernel's launch cost and the host's time per call.
 
 Plans take host time: every kernel is planned at every shard shape (the default 15 rows took
-8 minutes on a loaded 2-core machine; ``--models 4b,27b --tp 8,16`` is the short run of the
+8-10 minutes on a loaded 2-core machine; ``--models 4b,27b --tp 8,16`` is the short run of the
 cases the Rebellions model zoo runs); the wall time is printed.
 """
 
