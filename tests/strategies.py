@@ -241,3 +241,21 @@ def projector_shapes(
     gp = draw(st.integers(1, max_side if pool == 1 else max_pooled_side), label="tokens_per_side")
     dv = draw(sizes(max_value=max_dim, awkward=VISION_SIZES), label="Dv")
     return gp * pool, pool, dv, draw(sizes(max_value=max_dim, awkward=VISION_SIZES), label="Dt")
+
+
+# ----------------------------------------------------------------------------- collectives
+
+# Flat sizes against TINY's vector tiles (16 lanes) and its collectives' SRAM tile (4096
+# elements): fewer elements than devices, chunks off the lanes, past one tile.
+COLLECTIVE_SIZES = (1, 2, 3, 7, 15, 17, 63, 65, 4095, 4097)
+
+
+@st.composite
+def collective_cases(draw, *, max_devices: int = 4, max_elements: int = 9000):
+    """(devices, shape): a device count and one device's tensor shape (1-D or 2-D)."""
+    n = draw(st.integers(1, max_devices), label="devices")
+    size = draw(sizes(max_value=max_elements, awkward=COLLECTIVE_SIZES), label="elements")
+    if draw(st.booleans(), label="2-D") and size > 1:
+        rows = draw(st.sampled_from([r for r in (2, 3, 5, 7) if size % r == 0] or [1]), label="rows")
+        return n, (rows, size // rows)
+    return n, (size,)
