@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--weights-dtype", choices=["bf16", "fp32"], default="bf16", help="device dtype of weights and caches"
     )
-    e.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (only 1 for now)")
+    e.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel devices of the preset, over its link (default 1)"
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     c = sub.add_parser("convert", help="convert a Gemma 3 GGUF file into a Hugging Face model directory")
     c.add_argument("--gguf", required=True, metavar="FILE", help="the .gguf file (llama.cpp format)")

@@ -21,6 +21,17 @@ DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
 
 
+# The config.json fields every decoder's shapes need.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def require_fields(d: dict, names, source: str) -> None:
+    """Raise a ValueError naming every field of ``names`` that ``d`` lacks."""
+    missing = [k for k in names if k not in d]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}")
+
+
 @dataclass(frozen=True)
 class RopeParams:
     theta: float  # base of the inverse frequencies
@@ -78,17 +89,7 @@ class Gemma3TextConfig:
         model_type = d.get("model_type", "gemma3_text")
         if model_type != "gemma3_text":
             raise ValueError(f"{source}: model_type {model_type!r} is not gemma3_text or gemma3")
-        required = [
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-        ]
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ValueError(f"{source}: missing field(s) {missing}")
+        require_fields(d, SHAPE_FIELDS + ("num_key_value_heads",), source)
         for key, unsupported in (("attn_logit_softcapping", None), ("use_bidirectional_attention", False)):
             if d.get(key, unsupported) not in (unsupported, None):
                 raise NotImplementedError(f"{source}: {key} = {d[key]!r} is not supported")

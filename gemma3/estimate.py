@@ -5,7 +5,7 @@
     print(e.table())          # e.prefill_ms, e.decode_step_ms, e.to_dict()
 
     python -m gemma3 estimate --config CONFIG.json --npu PRESET [--batch B] [--prompt-tokens P]
-        [--new-tokens N] [--chunk C] [--max-seq-len L] [--weights-dtype bf16|fp32] [--tp 1] [--json]
+        [--new-tokens N] [--chunk C] [--max-seq-len L] [--weights-dtype bf16|fp32] [--tp N] [--json]
 
 The kernels are the ones ``Gemma3OnNPU`` runs (gemma3/model.py), at the signatures and
 constants it passes them, planned with ``NPU.plan`` as compiling does (a test holds the two
@@ -29,6 +29,19 @@ streams the weights (and the activations, the caches) in 4 bytes.
 
 Each prefill chunk and each decode step is one call from the host: the preset's
 ``host_step_us`` is added per call, beside the device's cycles.
+
+Tensor parallelism (``tp`` devices of the preset, joined by its link, ``npu_emulator.group``),
+Megatron-style as vLLM and optimum-rbln shard a decoder: the attention heads split over the
+devices (ceil(heads / tp) on the busiest), the kv heads too where there are at least as many as
+devices and else replicated (one per device: the one its query heads read); q/k/v and
+gate/up column-split; o_proj and down_proj row-split, each followed by an all-reduce of the
+(tokens, hidden) activations; the vocabulary split for the embedding (each device gathers the
+rows it holds, zeros elsewhere, then an all-reduce) and for the LM head (logits and argmax of
+its slice, then an all-gather of each device's (max, id) per row); norms and RoPE replicated.
+Every device runs the same shapes, so a step's time is one device's kernels plus the
+collectives, each planned over the whole group (the faster of the ring and the tree, as NCCL
+picks by size). The phases split their cycles into compute (kernels bound by a compute unit),
+memory (bound by DRAM or a DMA queue) and communication (collectives).
 """
 
 from __future__ import annotations
@@ -38,9 +51,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from npu_emulator import NPU, get_preset
+from npu_emulator import NPU, DeviceGroup, get_preset
 from npu_kernels.attention_decode import attention_decode, decode_kv_tile
 from npu_kernels.attention_prefill import attention_prefill
+from npu_kernels.collectives import all_gather, all_reduce
 from npu_kernels.embedding import embedding
 from npu_kernels.kvcache import kv_cache_write
 from npu_kernels.lm_head import lm_head
@@ -50,7 +64,7 @@ from npu_kernels.mlp import geglu_mlp
 from npu_kernels.norms import rmsnorm
 from npu_kernels.rope import rope
 
-from .config import FULL, SLIDING, Gemma3TextConfig, RopeParams, read_json
+from .config import FULL, SHAPE_FIELDS, SLIDING, Gemma3TextConfig, RopeParams, read_json, require_fields
 
 # model_type of config.json files costed as Gemma3's kernels with every layer global.
 LLAMA_STYLE = ("llama", "qwen3", "qwen2", "mistral")
@@ -67,10 +81,15 @@ ROLES = (
     "mlp",
     "lora",
     "lm_head",
+    "all_reduce",
+    "all_gather",
 )
 # LoRA targets the estimate can cost (gemma3/lora.py): our short names of the decoder projections.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LINEAR = ("qkv_proj", "o_proj", "mlp")
+COLLECTIVES = ("all_reduce", "all_gather")
+# Binding units of a kernel whose time the memory system sets (else a compute unit does).
+MEMORY_UNITS = ("dram", "shared_sram", "host_link")
 
 
 def read_config(path) -> tuple[Gemma3TextConfig, float, str]:
@@ -91,17 +110,8 @@ def read_config(path) -> tuple[Gemma3TextConfig, float, str]:
             f"{source}: model_type {model_type!r} is not one the estimate costs "
             f"(gemma3, gemma3_text, {', '.join(LLAMA_STYLE)})"
         )
-    required = [
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-    ]
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{source}: missing field(s) {missing}")
-    for k in required:
+    require_fields(d, SHAPE_FIELDS, source)
+    for k in SHAPE_FIELDS:
         if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1:
             raise ValueError(f"{source}: {k} must be a positive integer, got {d[k]!r}")
     heads = d["num_attention_heads"]
@@ -150,6 +160,11 @@ class PhaseEstimate:
     cycles: int = 0  # device cycles of the phase
     calls: int = 0  # host calls (prefill chunks, or decode steps)
     roles: dict[str, RoleCost] = field(default_factory=dict)
+    # The cycles split by what bounds them: kernels whose binding unit is a compute unit, the
+    # memory system (DRAM, a DMA queue), and the collectives over the links.
+    compute_cycles: int = 0
+    memory_cycles: int = 0
+    comm_cycles: int = 0
 
     def add(self, role: str, report, times: int = 1) -> None:
         r = self.roles.setdefault(role, RoleCost())
@@ -158,6 +173,29 @@ class PhaseEstimate:
         r.flops += times * report.flops
         r.dram_bytes += times * report.dram_bytes
         self.cycles += times * report.cycles
+        unit = report.binding_unit
+        if unit in MEMORY_UNITS or unit.startswith("dma."):
+            self.memory_cycles += times * report.cycles
+        else:
+            self.compute_cycles += times * report.cycles
+
+    def add_collective(self, role: str, report, times: int = 1) -> None:
+        """A collective's ``GroupReport``: its cycles on the group's critical path."""
+        r = self.roles.setdefault(role, RoleCost())
+        r.calls += times
+        r.cycles += times * report.cycles
+        r.dram_bytes += times * report.devices[0].dram_bytes
+        self.cycles += times * report.cycles
+        self.comm_cycles += times * report.cycles
+
+    def split(self) -> dict[str, float]:
+        """Shares (0-1) of the phase's device cycles: compute, memory, communication."""
+        total = max(self.cycles, 1)
+        return {
+            "compute": self.compute_cycles / total,
+            "memory": self.memory_cycles / total,
+            "communication": self.comm_cycles / total,
+        }
 
 
 @dataclass
@@ -176,6 +214,9 @@ class Estimate:
     max_seq_len: int
     weights_dtype: str
     tp: int
+    link: str | None  # the devices' link (tp > 1), None on one device
+    weight_bytes_per_device: int  # the busiest device's shard of the weights
+    dram_bytes_per_device: int  # each device's DRAM capacity
     prefill: PhaseEstimate  # every sequence's prompt, all chunks (sequences one after another)
     decode: PhaseEstimate  # the new_tokens - 1 decode steps of the whole batch
     decode_step: PhaseEstimate  # one decode step at the last position (the slowest)
@@ -212,6 +253,10 @@ class Estimate:
                 "cycles": p.cycles,
                 "host_calls": p.calls,
                 "ms": self._ms(p),
+                "compute_cycles": p.compute_cycles,
+                "memory_cycles": p.memory_cycles,
+                "comm_cycles": p.comm_cycles,
+                "share": p.split(),
                 "kernels": {
                     role: {
                         "calls": r.calls,
@@ -235,12 +280,17 @@ class Estimate:
             "max_seq_len": self.max_seq_len,
             "weights_dtype": self.weights_dtype,
             "tp": self.tp,
+            "link": self.link,
+            "weight_bytes_per_device": self.weight_bytes_per_device,
+            "weights_fit": self.weight_bytes_per_device <= self.dram_bytes_per_device,
             "host_step_us": self.host_step_us,
             "prefill_ms": self.prefill_ms,
             "prefill_tok_s": self.batch * self.prompt_tokens / (self.prefill_ms / 1e3),
             "decode_step_ms": self.decode_step_ms,
             "decode_tok_s": self.batch / decode_s,
             "decode_ms": self.decode_ms,
+            "decode_step_comm_ms": self.decode_step.comm_cycles / self.clock_hz * 1e3,
+            "prefill_comm_ms": self.prefill.comm_cycles / self.clock_hz * 1e3,
             "phases": phases,
         }
 
@@ -254,10 +304,24 @@ class Estimate:
             f"decode step (batch {self.batch:<3}) {d['decode_step_ms']:12.3f} ms  {d['decode_tok_s']:12,.1f} tok/s"
             f"  (at position {self.prompt_tokens + max(self.new_tokens - 2, 0)})",
             f"host per call           {self.host_step_us / 1e3:12.3f} ms  (prefill chunk or decode step)",
+        ]
+        if self.tp > 1:
+            fit = "fits" if d["weights_fit"] else "does NOT fit"
+            lines.append(
+                f"tensor parallel         {self.tp} devices over {self.link}; weights per device "
+                f"{self.weight_bytes_per_device / 2**30:.2f} GiB ({fit} {self.dram_bytes_per_device / 2**30:.0f} GiB)"
+            )
+        pre, step = self.prefill, self.decode_step
+        for name, p in (("prefill", pre), ("decode step", step)):
+            sh = p.split()
+            lines.append(
+                f"{name + ' split':<24}compute {100 * sh['compute']:5.1f}%  memory {100 * sh['memory']:5.1f}%  "
+                f"communication {100 * sh['communication']:5.1f}%"
+            )
+        lines += [
             "",
             f"{'kernel role':<16}{'prefill calls':>14}{'prefill ms':>12}{'%':>7}{'step calls':>12}{'step ms':>10}{'%':>7}",
         ]
-        pre, step = self.prefill, self.decode_step
         for role in ROLES:
             p, s = pre.roles.get(role, RoleCost()), step.roles.get(role, RoleCost())
             if not (p.calls or s.calls):
@@ -294,11 +358,11 @@ def estimate(
     """Plan-only cost of ``config`` (a config.json path, or a ``Gemma3TextConfig``) on ``npu``
     (a preset name or an ``NPUConfig``): ``batch`` sequences of ``prompt_tokens`` each, then
     ``new_tokens`` new tokens each. ``max_seq_len`` (the compiled cache length) defaults to
-    prompt + new tokens. ``tp`` (tensor parallel devices) is a parameter for when several
-    devices are emulated; only 1 is supported now. ``lora_rank``: compile ``lora_adapters``
-    LoRA adapters (plus the reserved base one) padded to this rank on ``lora_targets``, as
-    ``Gemma3OnNPU`` runs them (the lora kernel after each targeted projection; the MLP unfused
-    when a target is in it); their kernels show as the role "lora"."""
+    prompt + new tokens. ``tp``: tensor-parallel devices of ``npu`` over its preset's link
+    (see the module docstring). ``lora_rank``: compile ``lora_adapters`` LoRA adapters (plus
+    the reserved base one) padded to this rank on ``lora_targets``, as ``Gemma3OnNPU`` runs them
+    (the lora kernel after each targeted projection; the MLP unfused when a target is in it);
+    their kernels show as the role "lora"."""
     if isinstance(config, Gemma3TextConfig):
         c, scale, family = config, config.embed_scale, "gemma3"
         model = "gemma3"
@@ -313,10 +377,6 @@ def estimate(
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     _positive("tp", tp)
-    if tp != 1:
-        raise NotImplementedError(
-            f"tp {tp}: tensor parallelism over several devices is not emulated yet; only tp 1"
-        )
     seq = prompt_tokens + new_tokens
     max_seq_len = seq if max_seq_len is None else _positive("max_seq_len", max_seq_len)
     if seq > max_seq_len:
@@ -324,8 +384,11 @@ def estimate(
             f"prompt_tokens + new_tokens = {seq} exceeds max_seq_len {max_seq_len} (the compiled cache)"
         )
     cfg = get_preset(npu)
-    plan = _Planner(_device(cfg, weights_dtype), c, scale, batch, max_seq_len)
+    group = _group(cfg, tp, weights_dtype) if tp > 1 else None
+    plan = _Planner(_device(cfg, weights_dtype), c, scale, batch, max_seq_len, group)
     if lora_rank is not None:
+        if tp > 1:
+            raise NotImplementedError(f"lora_rank with tp {tp}: LoRA on sharded projections is not planned")
         plan.lora = (_positive("lora_rank", lora_rank), _positive("lora_adapters", lora_adapters) + 1)
         unknown = sorted(set(lora_targets) - set(LORA_TARGETS))
         if unknown:
@@ -352,6 +415,9 @@ def estimate(
         max_seq_len=max_seq_len,
         weights_dtype=weights_dtype,
         tp=tp,
+        link=group.link.name if group else None,
+        weight_bytes_per_device=plan.weight_bytes(),
+        dram_bytes_per_device=cfg.dram_bytes,
         prefill=prefill,
         decode=decode,
         decode_step=step,
@@ -364,11 +430,34 @@ def _device(cfg, dtype: str) -> NPU:
     return NPU(cfg, dtype=dtype)
 
 
-class _Planner:
-    """The kernel calls of ``Gemma3OnNPU.prefill`` / ``decode`` as (signature, consts), planned."""
+@functools.lru_cache(maxsize=4)
+def _group(cfg, tp: int, dtype: str) -> DeviceGroup:
+    """One device group per chip, size and dtype: the collectives' plans, reused."""
+    return DeviceGroup(cfg, tp, dtype=dtype)
 
-    def __init__(self, npu: NPU, c: Gemma3TextConfig, embed_scale: float, batch: int, max_seq_len: int):
+
+class _Planner:
+    """The kernel calls of ``Gemma3OnNPU.prefill`` / ``decode`` as (signature, consts), planned;
+    with a device group, one device's share of them (Megatron-style) plus the collectives."""
+
+    def __init__(
+        self,
+        npu: NPU,
+        c: Gemma3TextConfig,
+        embed_scale: float,
+        batch: int,
+        max_seq_len: int,
+        group: DeviceGroup | None = None,
+    ):
         self.npu, self.c, self.scale, self.batch = npu, c, embed_scale, batch
+        self.group = group
+        tp = group.num_devices if group else 1
+        # The busiest device's share: heads, kv heads (replicated when fewer than devices),
+        # MLP columns, vocabulary rows.
+        self.hq = math.ceil(c.num_attention_heads / tp)
+        self.hkv = math.ceil(c.num_key_value_heads / tp)
+        self.ff = math.ceil(c.intermediate_size / tp)
+        self.vocab = math.ceil(c.vocab_size / tp)
         self.dt = npu.dtype
         self.kv_tile = decode_kv_tile(npu.config)
         self.max_seq_len = max_seq_len
@@ -401,10 +490,28 @@ class _Planner:
             raise type(e)(f"kernel {kernel.name} at ({shapes}) with {consts}: {e}") from None
         phase.add(role, report, times)
 
+    def weight_bytes(self) -> int:
+        """The busiest device's weights: its shard of every projection and of the (tied)
+        embedding, and every norm."""
+        c, hd, d = self.c, self.c.head_dim, self.c.hidden_size
+        per_layer = d * (self.hq + 2 * self.hkv) * hd + self.hq * hd * d + 3 * d * self.ff
+        per_layer += 4 * d + 2 * hd
+        embed = self.vocab * d * (1 if c.tie_word_embeddings else 2)
+        return (c.num_hidden_layers * per_layer + embed + d) * (4 if self.dt == "fp32" else 2)
+
+    def collective(self, phase, role, kernel, shape, times, dtype=None):
+        """A collective of a (shape) tensor on every device, the faster algorithm on the link."""
+        if self.group is None:
+            return
+        sig = [[(shape, dtype or self.dt)] * self.group.num_devices]
+        algorithms = ("ring", "tree") if self.group.link.topology == "switch" else ("ring",)
+        reports = [self.group.plan(kernel, sig, {"algorithm": a}).report for a in algorithms]
+        phase.add_collective(role, min(reports, key=lambda r: r.cycles), times)
+
     def layer(self, phase, i, t, attend, times):
         """One decoder layer on t rows, as ``Gemma3OnNPU._layer``; ``attend`` adds the attention."""
         c, f, eps = self.c, self.f, self.c.rms_norm_eps
-        d, hq, hkv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        d, hq, hkv, hd = c.hidden_size, self.hq, self.hkv, c.head_dim
         norm = {"eps": eps}
         cos = f(c.max_position_embeddings, hd)
         self.add(phase, "norms", rmsnorm, [f(t, d), f(d)], norm, times)
@@ -418,9 +525,10 @@ class _Planner:
         attend(i)
         self.add(phase, "o_proj", matmul, [f(t, hq * hd), f(hq * hd, d)], None, times)
         self.add_lora(phase, "o", t, hq * hd, d, times)
+        self.collective(phase, "all_reduce", all_reduce, (t, d), times)  # o_proj is row-split
         for _ in range(2):  # post-attention, pre-feedforward
             self.add(phase, "norms", rmsnorm, [f(t, d), f(d)], norm, times)
-        f_ = c.intermediate_size
+        f_ = self.ff
         if self.lora and set(self.lora_targets) & {"gate", "up", "down"}:  # unfused, as LoRAOnNPU.mlp
             for target in ("gate", "up"):
                 self.add(phase, "mlp", matmul, [f(t, d), f(d, f_)], None, times)
@@ -430,6 +538,7 @@ class _Planner:
             self.add_lora(phase, "down", t, f_, d, times)
         else:
             self.add(phase, "mlp", geglu_mlp, [f(t, d), f(d, f_), f(d, f_), f(f_, d)], None, times)
+        self.collective(phase, "all_reduce", all_reduce, (t, d), times)  # down_proj is row-split
         self.add(phase, "norms", rmsnorm, [f(t, d), f(d)], norm, times)
 
     def add_lora(self, phase, target, t, din, dout, times):
@@ -451,28 +560,31 @@ class _Planner:
             {"eps": c.rms_norm_eps},
             times,
         )
-        sig = [f(rows, c.hidden_size), f(c.hidden_size, c.vocab_size), self.i32(c.vocab_size)]
+        sig = [f(rows, c.hidden_size), f(c.hidden_size, self.vocab), self.i32(self.vocab)]
         self.add(phase, "lm_head", lm_head, sig, {"softcap": c.final_logit_softcapping}, times)
+        # Each device's best logit and its id per row (fp32, int32: 4 bytes each) to every device.
+        self.collective(phase, "all_gather", all_gather, (rows, 2), times, "fp32")
 
     def cache(self, i):
         c = self.c
-        return self.f(self.batch, c.num_key_value_heads, self.slots[i], c.head_dim)
+        return self.f(self.batch, self.hkv, self.slots[i], c.head_dim)
 
     def prefill_chunk(self, phase, start, valid, size, n):
         """One prefill chunk of every sequence of the batch (they cost the same: sequence b's
         chunk differs from sequence 0's only in the cache rows it addresses)."""
         c, f, b = self.c, self.f, self.batch
-        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        hq, hkv, hd = self.hq, self.hkv, c.head_dim
         phase.calls += b
         self.groups = 1
         self.add(
             phase,
             "embedding",
             embedding,
-            [self.i32(size), f(c.vocab_size, c.hidden_size)],
+            [self.i32(size), f(self.vocab, c.hidden_size)],
             {"scale": self.scale},
             b,
         )
+        self.collective(phase, "all_reduce", all_reduce, (size, c.hidden_size), b)  # vocab-split rows
 
         def attend(i):
             consts = dict(
@@ -497,19 +609,20 @@ class _Planner:
     def decode_step(self, phase, pos):
         """One decode step of the whole batch, every sequence at position ``pos``."""
         c, f, b = self.c, self.f, self.batch
-        hq, hd = c.num_attention_heads, c.head_dim
+        hq, hd = self.hq, c.head_dim
         phase.calls += 1
         self.groups = b
         self.add(
             phase,
             "embedding",
             embedding,
-            [self.i32(b), f(c.vocab_size, c.hidden_size)],
+            [self.i32(b), f(self.vocab, c.hidden_size)],
             {"scale": self.scale},
         )
+        self.collective(phase, "all_reduce", all_reduce, (b, c.hidden_size), 1)  # vocab-split rows
 
         def attend(i):
-            cache, hkv = self.cache(i), c.num_key_value_heads
+            cache, hkv = self.cache(i), self.hkv
             for _ in range(2):
                 self.add(
                     phase, "kv_cache_write", kv_cache_write, [cache, f(b, 1, hkv, hd), self.i32(b, 1, hkv)]

@@ -41,6 +41,7 @@ import numpy as np
 from npu_emulator import NPU, Buffer, CycleReport, DeviceTensor, EmulatorError
 from npu_emulator.memory import DRAM
 from npu_kernels.attention_decode import attention_decode, decode_kv_tile
+from npu_kernels.attention_decode_flash import attention_decode_flash, flash_decode_length
 from npu_kernels.attention_prefill import attention_prefill
 from npu_kernels.embedding import embedding
 from npu_kernels.kvcache import kv_cache_write
@@ -102,6 +103,7 @@ class Gemma3OnNPU:
             )
         self.window = config.sliding_window
         self.kv_tile = decode_kv_tile(self.npu.config)
+        self.partition = self._flash_partition()  # flash_attn: see "flash attention" below
         # Caches hold whole KV tiles (module docstring): global slots past max_seq_len are never
         # visible, ring slots past the window hold positions before it, hidden by the masks.
         self.global_slots = math.ceil(self.max_seq_len / self.kv_tile) * self.kv_tile
@@ -379,7 +381,7 @@ class Gemma3OnNPU:
             self._write_cache("decode", i, 0, k[:, None], v[:, None], pos[:, None], (k_cache, v_cache))
             slots = k_cache.shape[2]
             reach = int(min(pos.max() + 1, slots))
-            length = min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
+            length = self._decode_length(i, reach, slots)
             j = np.arange(length)[None, :]
             if self.ring(i):
                 # Ring slot j holds position p = pos - ((pos - j) mod slots): valid once written,
@@ -391,7 +393,8 @@ class Gemma3OnNPU:
                 if c.is_sliding(i):
                     visible &= j > pos[:, None] - self.window
             mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
-            out = self._run("decode", attention_decode, q, k_cache, v_cache, mask, scale=c.attention_scale)
+            kernel, consts = self._decode_kernel(i)
+            out = self._run("decode", kernel, q, k_cache, v_cache, mask, scale=c.attention_scale, **consts)
             return out.reshape(q.shape[0], -1)
 
         for i in range(c.num_hidden_layers):
@@ -432,15 +435,17 @@ class Gemma3OnNPU:
         for b, i in ((b, i) for b in self.rbln.decoder_batch_sizes or [] for i in self._one_layer_per_type()):
             cache = ((b, *self.caches[i][0].shape[1:]), self.caches[i][0].dtype)
             slots = cache[0][2]
+            kernel, consts = self._decode_kernel(i)
             self._plan(
-                attention_decode,
+                kernel,
                 [
                     ((b, c.num_attention_heads, c.head_dim), cache[1]),
                     cache,
                     cache,
-                    ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), "fp32"),
+                    # The mask as decode uploads it (float arrays go up in the device dtype).
+                    ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), self.npu.dtype),
                 ],
-                dict(scale=c.attention_scale),
+                dict(scale=c.attention_scale, **consts),
             )
 
     def _one_layer_per_type(self) -> list[int]:
@@ -486,6 +491,38 @@ class Gemma3OnNPU:
 
     def reports(self) -> dict[str, CycleReport | None]:
         return {phase: cost.total(phase) for phase, cost in self.cost.items()}
+
+    # ------------------------------------------------------------------ flash attention
+    # attn_impl="flash_attn" (Optimum RBLN's FlashAttentionOp; sliding layers stay eager there
+    # too): a global layer's decode attention reads its cache in whole partitions of
+    # kvcache_partition_len positions, only those up to the furthest position of the batch,
+    # and reduces over them (npu_kernels/attention_decode_flash.py). Eager decode reads whole
+    # KV tiles up to that position (attention_decode). Prefill is the same kernel for both.
+
+    def _flash_partition(self) -> int | None:
+        """kvcache_partition_len under flash_attn (None: eager), checked against the chip."""
+        impl, part, _ = self.rbln.attention(self.max_seq_len)
+        if impl != "flash_attn":
+            return None
+        if part % self.kv_tile:
+            raise ValueError(
+                f"kvcache_partition_len {part} is not a multiple of the decode KV tile of "
+                f"{self.npu.config.name} ({self.kv_tile} positions): a partition holds whole KV tiles"
+            )
+        return part
+
+    def _decode_length(self, i: int, reach: int, slots: int) -> int:
+        """Cache slots layer i's decode attention reads when the batch reaches ``reach``
+        positions: whole partitions (flash_attn, global layers) or whole KV tiles."""
+        if self.partition is not None and not self.c.is_sliding(i):
+            return flash_decode_length(reach, self.partition, slots)
+        return min(slots, math.ceil(reach / self.kv_tile) * self.kv_tile)
+
+    def _decode_kernel(self, i: int):
+        """(kernel, extra consts) of layer i's decode attention."""
+        if self.partition is not None and not self.c.is_sliding(i):
+            return attention_decode_flash, {"partition": self.partition}
+        return attention_decode, {}
 
 
 __all__ = ["Gemma3OnNPU", "PhaseCost", "IMAGE_PREFILL", "FULL", "SLIDING"]

@@ -54,6 +54,8 @@ from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensor
 COMPILED = "compiled"
 # Language-model fields that choose which graphs are compiled and what they take and return.
 GRAPH_FIELDS = ("decoder_batch_sizes", "phases", "use_inputs_embeds", "output_hidden_states")
+# The decode attention kernel and its plans (flash_attn: partitioned, model.py).
+ATTENTION_FIELDS = ("attn_impl", "kvcache_partition_len", "kvcache_block_size", "relax_flash_attn_limits")
 WEIGHTS = "weights.safetensors"
 MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)
 
@@ -395,13 +397,7 @@ class NPUGemma3PreTrainedModel:
         streamer = kwargs.pop("streamer", None)
         embeds = kwargs.pop("inputs_embeds", None)
         prompt_given = input_ids is not None
-        if embeds is not None:
-            input_ids, prepare = self._embeds_inputs(input_ids, embeds, attention_mask, prepare)
-        if input_ids is None:
-            raise ValueError("generate needs input_ids or inputs_embeds")
-        kind, ids = _to_numpy(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        kind, ids, prepare = self._prompt_ids("generate", input_ids, embeds, attention_mask, prepare)
         model_ids = {
             k: getattr(self.model_config, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")
         }
@@ -489,6 +485,16 @@ class NPUGemma3PreTrainedModel:
                 tuple(_from_numpy(kind, x, input_ids) for x in scores) if settings.output_scores else None,
             )
         return sequences
+
+    def _prompt_ids(self, what, input_ids, embeds, attention_mask, prepare):
+        """(kind of input, ids (B, T) int64, prepare) of a ``generate`` or ``forward`` call from
+        ``input_ids`` or ``inputs_embeds`` (``_embeds_inputs``)."""
+        if embeds is not None:
+            input_ids, prepare = self._embeds_inputs(input_ids, embeds, attention_mask, prepare)
+        if input_ids is None:
+            raise ValueError(f"{what} needs input_ids or inputs_embeds")
+        kind, ids = _to_numpy(input_ids)
+        return kind, (ids[None] if ids.ndim == 1 else ids), prepare
 
     def _embeds_inputs(self, input_ids, embeds, attention_mask, prepare):
         """``inputs_embeds`` (B, T, hidden) for a model compiled with ``use_inputs_embeds``:
@@ -604,13 +610,7 @@ class NPUGemma3PreTrainedModel:
         prepare = self._forward_prepare(kwargs, embeds=inputs_embeds is not None)
         if kwargs:
             raise TypeError(f"forward: unexpected keyword argument(s) {sorted(kwargs)}")
-        if inputs_embeds is not None:
-            input_ids, prepare = self._embeds_inputs(input_ids, inputs_embeds, attention_mask, prepare)
-        if input_ids is None:
-            raise ValueError("forward needs input_ids or inputs_embeds")
-        kind, ids = _to_numpy(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        kind, ids, prepare = self._prompt_ids("forward", input_ids, inputs_embeds, attention_mask, prepare)
         mask = np.ones_like(ids) if attention_mask is None else _attention_mask(attention_mask, ids)
         self._check_prompts(ids, mask)
         if ids.shape[0] > self.rbln_config.batch_size:
@@ -702,7 +702,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
     @classmethod
     def _compiled_fields(cls, rbln) -> dict:
         fields = {f: getattr(rbln, f) for f in ("batch_size", "max_seq_len", "prefill_chunk_size")}
-        fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS})
+        fields.update({f: getattr(rbln, f) for f in GRAPH_FIELDS + ATTENTION_FIELDS})
         fields["lora_config"] = rbln.to_dict()["lora_config"]  # the adapters are in the compiled weights
         return {**fields, "npu": rbln.npu_config}  # the chip itself, however it was named
 

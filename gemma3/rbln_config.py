@@ -375,11 +375,16 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
     phases: list[str] = field(default_factory=lambda: ["prefill", "decode"])  # phases compiled
     logits_to_keep: int = 1  # positions whose logits prefill returns: the last one (0 means 1)
     output_hidden_states: bool = False  # forward also returns every layer's hidden states
+    # Ours, emulation only: drop Optimum RBLN's flash_attn minimums (partitions of 4 096
+    # positions, max_seq_len 8 192) so that tiny models run flash attention in tests; the
+    # other constraints stay. Such a config does not compile on Optimum RBLN.
+    relax_flash_attn_limits: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("use_position_ids", "use_attention_mask", "use_inputs_embeds", "output_hidden_states"):
             _bool(name, getattr(self, name))
+        _bool("relax_flash_attn_limits", self.relax_flash_attn_limits)
         # Optimum RBLN: "use_attention_mask and use_position_ids are always True for Gemma3"
         self.use_position_ids = self.use_attention_mask = True
         _positive_int("max_seq_len", self.max_seq_len)
@@ -442,7 +447,8 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
         with Optimum RBLN's defaults, checked against its constraints: eager up to 32 768
         positions with one block of max_seq_len; flash_attn with 4 096..32 768-position
         partitions (16 384 by default), at least two of them, dividing max_seq_len (>= 8 192),
-        and the block equal to the partition."""
+        and the block equal to the partition. ``relax_flash_attn_limits`` drops the two
+        minimums (4 096 and 8 192), for emulation only."""
         impl, part, block = self.attn_impl or "eager", self.kvcache_partition_len, self.kvcache_block_size
         if part is not None and impl == "eager":
             impl = "flash_attn"  # a partition length means flash attention (Optimum RBLN switches too)
@@ -463,13 +469,14 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
                     f"`max_seq_len` ({max_seq_len}) must be a multiple of `kvcache_partition_len` ({part}) "
                     "when using 'flash_attn'. Please adjust either value to meet this requirement."
                 )
-            if not MIN_FLASH_ATTN_PARTITION_LENGTH <= part <= MAX_FLASH_ATTN_PARTITION_LENGTH:
+            least = 1 if self.relax_flash_attn_limits else MIN_FLASH_ATTN_PARTITION_LENGTH
+            if not least <= part <= MAX_FLASH_ATTN_PARTITION_LENGTH:
                 raise ValueError(
                     f"`kvcache_partition_len` ({part}) is out of the supported range for 'flash_attn' "
-                    f"({MIN_FLASH_ATTN_PARTITION_LENGTH} <= `kvcache_partition_len` <= "
+                    f"({least} <= `kvcache_partition_len` <= "
                     f"{MAX_FLASH_ATTN_PARTITION_LENGTH}). Please provide a valid value within this range."
                 )
-            if max_seq_len < MIN_FLASH_ATTN_MAX_SEQ_LEN:
+            if max_seq_len < MIN_FLASH_ATTN_MAX_SEQ_LEN and not self.relax_flash_attn_limits:
                 raise ValueError(
                     f"`max_seq_len` ({max_seq_len}) is too small for 'flash_attn'. The minimum supported "
                     f"value is {MIN_FLASH_ATTN_MAX_SEQ_LEN}. Please increase `max_seq_len` to meet this "

@@ -4,7 +4,18 @@ The public API: ``NPU`` runs a ``Kernel`` (a tiled program written against
 ``KernelContext``) in ``tile`` or ``fast`` mode and returns outputs with a ``CycleReport``.
 """
 
-from .config import ATOM, PRESETS, RBLN_NPU_NAMES, TINY, NPUConfig, get_preset, preset_for_rbln_npu
+from .config import (
+    ATOM,
+    LINK_PRESETS,
+    PRESETS,
+    RBLN_NPU_NAMES,
+    TINY,
+    LinkConfig,
+    NPUConfig,
+    get_link,
+    get_preset,
+    preset_for_rbln_npu,
+)
 from .device import NPU, DeviceTensor, Kernel, TensorSpec
 from .errors import (
     AllocationError,
@@ -15,6 +26,7 @@ from .errors import (
     OutOfBoundsError,
     UninitializedReadError,
 )
+from .group import DeviceGroup, GroupKernel, GroupReport
 from .memory import Buffer, View, as_stored, round_bf16
 from .program import InstructionStream, KernelContext, ceil_div, tiles
 from .report import CycleReport
@@ -47,4 +59,10 @@ __all__ = [
     "ceil_div",
     "tiles",
     "CycleReport",
+    "LinkConfig",
+    "LINK_PRESETS",
+    "get_link",
+    "DeviceGroup",
+    "GroupKernel",
+    "GroupReport",
 ]

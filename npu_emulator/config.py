@@ -330,3 +330,82 @@ def get_preset(name: str | NPUConfig) -> NPUConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown NPU preset {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Links between devices (npu_emulator/group.py): what a device group's transfers cost.
+TOPOLOGIES = ("ring", "switch")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    name: str = "custom-link"
+    # "switch": every device has one full-duplex port to a switch (a PCIe switch or root
+    # complex), any device reaches any other, a transfer uses its source's egress and its
+    # destination's ingress port. "ring": device i is wired to i - 1 and i + 1 (mod N) by
+    # full-duplex links, and only neighbours exchange data.
+    topology: str = "switch"
+    # Bandwidth of one port or link, each direction (bytes per cycle of the chips' clock).
+    bytes_per_cycle: float = 63.0
+    # Fixed cost of one transfer before its first byte lands (cycles): descriptor, doorbell,
+    # the switch traversal and the completion the receiver waits for.
+    latency_cycles: int = 1500
+
+    def __post_init__(self):
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"LinkConfig.topology must be one of {TOPOLOGIES}, got {self.topology!r}")
+        for name in ("bytes_per_cycle", "latency_cycles"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LinkConfig.{name} must be a positive number, got {value!r}")
+
+    def replace(self, **changes) -> LinkConfig:
+        return replace(self, **changes)
+
+
+# ATOM cards talk device to device over PCIe Gen5 x16 through the host's PCIe switch or root
+# complex ([arch]: ATOM's PCIe 5.0 interface; multi-device models run over it with Rebellions
+# Scalable Design, whose profiler shows "Device HDMA" and "Device Sync" commands). PCIe 5.0:
+# 32 GT/s per lane, 128b/130b encoding, 3.94 GB/s per lane, 63.0 GB/s per direction at x16
+# (PCI-SIG's figures as tabulated in hpc-notes.pages.dev/reference/pcie): 63 B/cycle at 1 GHz.
+# Peer-to-peer writes measured on other Gen5 x16 cards through Broadcom PEX890xx switches reach
+# 53-56 GB/s of the 63 (voipmonitor/rtx6kpro, hardware/pcie-bandwidth.md): the fitted RBLN
+# presets take 56 GB/s as what a link sustains, the datasheet chip the 63.
+# The per-transfer latency is not public for ATOM: 1.5 us is our assumption (a P2P DMA
+# descriptor, the switch hop and the flag the receiver polls; GPUs over PCIe see a few us).
+PCIE5_X16 = LinkConfig(name="pcie5-x16", topology="switch", bytes_per_cycle=63.0, latency_cycles=1500)
+PCIE5_X16_SUSTAINED = PCIE5_X16.replace(name="pcie5-x16-sustained", bytes_per_cycle=56.0)
+# For tests: a slow ring between TINY chips (a quarter of TINY's DRAM rate, so a transfer never
+# waits for DRAM), with a short latency.
+TINY_LINK = LinkConfig(name="tiny-ring", topology="ring", bytes_per_cycle=4.0, latency_cycles=100)
+
+LINK_PRESETS: dict[str, LinkConfig] = {
+    "pcie5-x16": PCIE5_X16,
+    "pcie5-x16-sustained": PCIE5_X16_SUSTAINED,
+    "tiny-ring": TINY_LINK,
+}
+
+# The link a chip preset's devices are joined by when a group names none. Rebel100 cards are
+# PCIe Gen5 x16 too ([arch]); between its 4 chiplets the UCIe links are inside the one device.
+DEVICE_LINKS: dict[str, LinkConfig] = {
+    "atom": PCIE5_X16,
+    "tiny": TINY_LINK,
+    "rbln-ca02": PCIE5_X16_SUSTAINED,
+    "rbln-ca12": PCIE5_X16_SUSTAINED,
+    "rbln-ca22": PCIE5_X16_SUSTAINED,
+    "rbln-ca25": PCIE5_X16_SUSTAINED,
+    "rebel100": PCIE5_X16_SUSTAINED,
+}
+
+
+def get_link(link: str | LinkConfig | None, config: NPUConfig) -> LinkConfig:
+    """The link ``link`` names (a ``LinkConfig`` passes through), or the default of ``config``'s
+    preset (``PCIE5_X16`` for a chip of no preset)."""
+    if isinstance(link, LinkConfig):
+        return link
+    if link is None:
+        return DEVICE_LINKS.get(config.name, PCIE5_X16)
+    try:
+        return LINK_PRESETS[link]
+    except KeyError:
+        raise ValueError(f"unknown link preset {link!r}; known: {sorted(LINK_PRESETS)}") from None

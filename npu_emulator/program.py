@@ -138,6 +138,17 @@ class KernelContext:
         self.bytes_by_path: dict[str, int] = {}
         self._unordered: set[int] = set()  # ids of unordered scatters
         self.roofline_bytes: int | None = None  # set_roofline_bytes
+        # Where this context's units start in the stream it records into (0 alone; device d of
+        # a group records into device 0's lists from d * n_units, see share_stream).
+        self.unit_base = 0
+
+    def share_stream(self, owner: KernelContext, unit_base: int) -> None:
+        """Record into ``owner``'s instruction lists, this context's units numbered from
+        ``unit_base``: several devices' programs on one timeline (npu_emulator/group.py).
+        Instruction ids are then global, so buffers of different devices order by them."""
+        self.unit_base = unit_base
+        for name in ("_unit", "_dur", "_hide", "_nbytes", "_res", "_deps", "_ops", "_labels"):
+            setattr(self, name, getattr(owner, name))
 
     # ----------------------------------------------------------------- memory
 
@@ -527,6 +538,7 @@ class KernelContext:
         self, unit, op, label, dur, nbytes, res, reads, writes, after, hide=0, unordered=False
     ) -> int:
         iid = len(self._ops)
+        local_unit, unit = unit, self.unit_base + unit  # the stream's unit, local to this context
         deps: set[int] = set(int(a) for a in after)
         for a in after:
             if not 0 <= int(a) < iid:
@@ -552,7 +564,7 @@ class KernelContext:
         latest: dict[int, int] = {}
         for d in deps:
             u = self._unit[d]
-            if (u != unit or unit >= self.first_dma_unit) and d > latest.get(u, -1):
+            if (u != unit or local_unit >= self.first_dma_unit) and d > latest.get(u, -1):
                 latest[u] = d
         for (v, is_write), ext in zip(tracked, extents):
             buf = v.buffer

@@ -121,3 +121,83 @@ def write_sequence_trace(path, reports, name: str = "sequence") -> str:
         offset += r.cycles
     doc = {"traceEvents": events, "displayTimeUnit": "ns", "otherData": {"name": name, "cycles": int(offset)}}
     return _write_json(path, doc)
+
+
+def group_trace_events(report) -> list[dict]:
+    """A group run's timeline: per device a process for each engine and one for its DMA
+    queues, and a "links" process with a track per link queue."""
+    stream, sched = report.stream, report.schedule
+    us = 1e6 / report.clock_hz
+    upd, n = report.units_per_device, report.num_devices
+    n_engines = len([u for u in report.devices[0].unit_busy if u.endswith(".matrix")])
+    first_dma = 3 * n_engines
+    per_device = n_engines + 1  # pids: engines, then the DMA queues
+    links_pid = n * per_device
+    events = []
+
+    def process(pid, name):
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": pid}})
+
+    for d in range(n):
+        for e in range(n_engines):
+            process(d * per_device + e, f"device {d} engine {e}")
+        process(d * per_device + n_engines, f"device {d} DMA queues")
+    process(links_pid, "links")
+
+    def place(u):
+        if u >= n * upd:
+            return links_pid, u - n * upd
+        d, local = divmod(u, upd)
+        if local >= first_dma:
+            return d * per_device + n_engines, local - first_dma
+        e, kind = divmod(local, 3)
+        return d * per_device + e, kind
+
+    for u, uname in enumerate(stream.unit_names):
+        pid, tid = place(u)
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": uname}})
+    for i in range(len(stream)):
+        u = int(stream.unit[i])
+        pid, tid = place(u)
+        end = float(sched.end[i])
+        if stream.unit_is_dma[u]:
+            begin = float(sched.data_start[i])
+            args = {
+                "bytes": int(stream.nbytes[i]),
+                "issued_cycle": float(sched.start[i]),
+                "latency_cycles": float(stream.dur[i]),
+                "cycles": end - begin,
+            }
+        else:
+            begin = float(sched.start[i])
+            args = {"cycles": end - begin}
+        events.append(
+            {
+                "name": stream.labels[i],
+                "cat": stream.ops[i],
+                "ph": "X",
+                "pid": pid,
+                "tid": tid,
+                "ts": begin * us,
+                "dur": (end - begin) * us,
+                "args": args,
+            }
+        )
+    return events
+
+
+def write_group_trace(path, report) -> str:
+    """Write a group run's timeline atomically; return the path."""
+    doc = {
+        "traceEvents": group_trace_events(report),
+        "displayTimeUnit": "ns",
+        "otherData": {
+            "kernel": report.name,
+            "npu": report.npu,
+            "link": report.link,
+            "devices": report.num_devices,
+            "cycles": report.cycles,
+        },
+    }
+    return _write_json(path, doc)

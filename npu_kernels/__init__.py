@@ -9,6 +9,7 @@ from __future__ import annotations
 from npu_emulator import Kernel
 
 from .attention_decode import attention_decode
+from .attention_decode_flash import attention_decode_flash
 from .attention_prefill import attention_prefill
 from .embedding import embedding
 from .kvcache import kv_cache_write
@@ -32,6 +33,7 @@ ALL: tuple[Kernel, ...] = (
     softmax,
     attention_prefill,
     attention_decode,
+    attention_decode_flash,
     kv_cache_write,
     embedding,
     lm_head,

@@ -184,8 +184,12 @@ def combiner_bytes(group: int, hd: int, count: int, v_cols: int, esz: int) -> in
 
 
 @functools.lru_cache(maxsize=256)
-def decode_plan(cfg, batch: int, n_kv: int, group: int, hd: int, length: int, esz: int, mask_esz: int):
-    """Split the work over engines and pick chunk sizes; see the module docstring."""
+def decode_plan(
+    cfg, batch: int, n_kv: int, group: int, hd: int, length: int, esz: int, mask_esz: int, partition=None
+):
+    """Split the work over engines and pick chunk sizes; see the module docstring. With a
+    ``partition`` (slots, a multiple of the KV tile: the flash-attention kernel,
+    npu_kernels/attention_decode_flash.py) no piece crosses a partition boundary."""
     tile = decode_kv_tile(cfg)
     fit = max(1, min(cfg.matmul_max_n, cfg.matmul_max_k) // tile)
     chunk, depth = tile * min(4, fit), DEPTH
@@ -211,6 +215,9 @@ def decode_plan(cfg, batch: int, n_kv: int, group: int, hd: int, length: int, es
         while t < t0 + tl:
             bg, within = divmod(t, nt)
             seg = min(t0 + tl, (bg + 1) * nt) - t
+            if partition:  # end the segment at its partition's last tile
+                per = partition // tile
+                seg = min(seg, (within // per + 1) * per - within)
             for s0, sl in split(seg, ceil_div(seg * tile, max_piece)):
                 piece = dict(engine=e, b=bg // n_kv, g=bg % n_kv, l0=(within + s0) * tile, n=sl * tile)
                 mine.append(piece)
@@ -352,7 +359,9 @@ class _Combiner:
         return True
 
 
-def attention_decode_emit(k, q, k_cache, v_cache, mask, *, scale):
+def attention_decode_emit(k, q, k_cache, v_cache, mask, *, scale, partition=None):
+    """The tiled program; ``partition`` (slots) is the flash-attention kernel's constant
+    (npu_kernels/attention_decode_flash.py checks it): pieces end at partition boundaries."""
     cfg = k.config
     b_, hq, hd, hkv, s_len, length = _check(q, k_cache, v_cache, mask, decode_kv_tile(cfg))
     group = hq // hkv
@@ -361,7 +370,7 @@ def attention_decode_emit(k, q, k_cache, v_cache, mask, *, scale):
             f"attention_decode: {group} query heads per kv head exceed matmul_max_m = {cfg.matmul_max_m}"
         )
     esz = itemsize(k_cache.dtype)
-    plan = decode_plan(cfg, b_, hkv, group, hd, length, esz, itemsize(mask.dtype))
+    plan = decode_plan(cfg, b_, hkv, group, hd, length, esz, itemsize(mask.dtype), partition)
     out = k.output((b_, hq, hd), q.dtype, name="out")
     # The roofline's bytes: K and V slots [0, L), q, the mask and out once (not all S slots).
     qo = 2 * b_ * hq * hd * itemsize(q.dtype)

@@ -120,6 +120,16 @@ def decode_shapes(draw, *, max_tiles: int = 6):
 
 
 @st.composite
+def flash_decode_shapes(draw, *, max_part_tiles: int = 4, max_parts: int = 3):
+    """(B, Hkv, G, hd, tiles per partition, live partitions, S - L) for attention_decode_flash:
+    decode_shapes' heads with L = live partitions x partition slots."""
+    b, hkv, group, hd, _, extra = draw(decode_shapes(max_tiles=1))
+    part_tiles = draw(st.integers(1, max_part_tiles), label="tiles per partition")
+    parts = draw(st.integers(1, max_parts), label="live partitions")
+    return b, hkv, group, hd, part_tiles, parts, extra
+
+
+@st.composite
 def kv_cache_writes(draw, *, max_len: int = 40):
     """(B, Hkv, S, hd, slots (B', T), batch offset): a global cache (slot = position, positions
     stay below S) or a ring buffer (slot = position % S; a chunk may wrap around, and may be
@@ -231,6 +241,24 @@ def projector_shapes(
     gp = draw(st.integers(1, max_side if pool == 1 else max_pooled_side), label="tokens_per_side")
     dv = draw(sizes(max_value=max_dim, awkward=VISION_SIZES), label="Dv")
     return gp * pool, pool, dv, draw(sizes(max_value=max_dim, awkward=VISION_SIZES), label="Dt")
+
+
+# ----------------------------------------------------------------------------- collectives
+
+# Flat sizes against TINY's vector tiles (16 lanes) and its collectives' SRAM tile (4096
+# elements): fewer elements than devices, chunks off the lanes, past one tile.
+COLLECTIVE_SIZES = (1, 2, 3, 7, 15, 17, 63, 65, 4095, 4097)
+
+
+@st.composite
+def collective_cases(draw, *, max_devices: int = 4, max_elements: int = 9000):
+    """(devices, shape): a device count and one device's tensor shape (1-D or 2-D)."""
+    n = draw(st.integers(1, max_devices), label="devices")
+    size = draw(sizes(max_value=max_elements, awkward=COLLECTIVE_SIZES), label="elements")
+    if draw(st.booleans(), label="2-D") and size > 1:
+        rows = draw(st.sampled_from([r for r in (2, 3, 5, 7) if size % r == 0] or [1]), label="rows")
+        return n, (rows, size // rows)
+    return n, (size,)
 
 
 @st.composite

@@ -150,7 +150,7 @@ def test_rbln_presets_plan_a_model(tmp_path):
             ValueError,
             r"prompt_tokens \+ new_tokens = 256 exceeds max_seq_len 32",
         ),
-        (qwen3(), {"tp": 2}, NotImplementedError, r"tp 2: tensor parallelism .* only tp 1"),
+        (qwen3(), {"tp": 0}, ValueError, r"tp must be a positive integer, got 0"),
         (qwen3(), {"npu": "tpu"}, ValueError, r"unknown NPU preset 'tpu'"),
     ],
 )
@@ -187,7 +187,7 @@ def test_cli_prints_the_table_and_json_last(tmp_path):
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
     path = write(tmp_path / "config.json", qwen3())
-    out = cli("--config", str(path), "--npu", "tiny", "--tp", "2")
-    assert out.returncode == 1 and "error: tp 2: tensor parallelism" in out.stderr
+    out = cli("--config", str(path), "--npu", "tiny", "--tp", "0")
+    assert out.returncode == 1 and "error: tp must be a positive integer, got 0" in out.stderr
     out = cli("--config", str(tmp_path / "nope.json"))
     assert out.returncode == 1 and "nope.json: no such config file" in out.stderr

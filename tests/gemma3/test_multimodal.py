@@ -128,8 +128,9 @@ def images(counts, seed=0):
     ]
 
 
-def oracle_logits(hf, inputs, sequences):
-    """transformers' logits at the last prompt position and each generated one, for our sequence."""
+def oracle_logits(hf, inputs, sequences, new=NEW):
+    """transformers' logits at the last prompt position and each of ``new`` generated ones, for our
+    sequence: (B, new, V)."""
     seq = torch.from_numpy(np.asarray(sequences))
     width = inputs["input_ids"].shape[1]
     mask = torch.ones_like(seq)
@@ -144,7 +145,7 @@ def oracle_logits(hf, inputs, sequences):
             token_type_ids=types,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
         ).logits.numpy()
-    return logits[:, width - 1 : width - 1 + NEW]
+    return logits[:, width - 1 : width - 1 + new]
 
 
 def check_parity(model, hf, inputs):

@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 
 from gemma3.rbln_config import NPUGemma3ForCausalLMConfig, RBLNGemma3ForCausalLMConfig, strip_rbln
-from npu_emulator import TINY
+from npu_emulator import PRESETS, TINY
 
 C = NPUGemma3ForCausalLMConfig
 
@@ -35,7 +36,11 @@ def test_defaults_and_alias():
             r"`max_seq_len` \(16384\) must be a multiple of `kvcache_partition_len` \(5000\)",
         ),
         ({"tensor_parallel_size": 0}, ValueError, "tensor_parallel_size must be a positive integer, got 0"),
-        ({"npu": "h100"}, ValueError, r"npu: unknown NPU 'h100'; known: our presets \['atom', 'tiny'\]"),
+        (
+            {"npu": "h100"},
+            ValueError,
+            re.escape(f"npu: unknown NPU 'h100'; known: our presets {sorted(PRESETS)}"),
+        ),
         ({"mode": "cycle"}, ValueError, "mode must be 'fast' or 'tile', got 'cycle'"),
         ({"warp_size": 32}, ValueError, r"Unexpected arguments: \['warp_size'\]"),
     ],

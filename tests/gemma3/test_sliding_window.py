@@ -22,6 +22,7 @@ from npu_kernels.attention_decode import decode_kv_tile
 from tests.gemma3.oracle import tiny_model
 from tests.gemma3.test_model import oracle_logits, prompt
 from tests.gemma3.test_multimodal import BOI, LONG_TEXT, add_image_tokens, build, images
+from tests.gemma3.test_multimodal import oracle_logits as image_oracle_logits
 from tests.gemma3.tokenizer_fixture import build_tokenizer
 
 torch = pytest.importorskip("torch", reason="the oracle extra is not installed")
@@ -174,25 +175,6 @@ def tok_dir(tmp_path_factory):
     return d
 
 
-def image_oracle_logits(hf, inputs, sequences, new):
-    """transformers' logits at the last prompt position and each generated one, one forward."""
-    seq = torch.from_numpy(np.asarray(sequences))
-    width = inputs["input_ids"].shape[1]
-    mask = torch.ones_like(seq)
-    mask[:, :width] = torch.from_numpy(inputs["attention_mask"])
-    types = torch.zeros_like(seq)
-    types[:, :width] = torch.from_numpy(inputs["token_type_ids"])
-    with torch.no_grad():
-        logits = hf(
-            input_ids=seq,
-            pixel_values=torch.from_numpy(inputs["pixel_values"]),
-            attention_mask=mask,
-            token_type_ids=types,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        ).logits.numpy()
-    return [logits[:, width - 1 + i] for i in range(new)]
-
-
 @pytest.mark.parametrize("name", list(IMAGE))
 def test_images_longer_than_the_window_match_transformers(tmp_path, tok_dir, name):
     window, npu, texts, counts = IMAGE[name]
@@ -220,7 +202,7 @@ def test_images_longer_than_the_window_match_transformers(tmp_path, tok_dir, nam
             use_cache=window > 1,
         )
     np.testing.assert_array_equal(out.sequences, ref.numpy())
-    close(out.logits, image_oracle_logits(hf, inputs, out.sequences, new))
+    close(out.logits, image_oracle_logits(hf, inputs, out.sequences, new).transpose(1, 0, 2))
     assert model.last_report.image_tokens == sum(counts) * tokens
     ring, tile = model.runtime.caches[0][0].shape[2], decode_kv_tile(model.runtime.npu.config)
     assert ring == -(-window // tile) * tile and inputs["attention_mask"].sum(axis=1).max() + new > 3 * ring
