@@ -12,8 +12,10 @@ import time
 class TextStream:
     """A streamer (put / end, as transformers calls it) that prints text as tokens arrive."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout as it is when the stream is made (not when this module was imported: a
+        # caller may have replaced it since, e.g. to capture the output).
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
         self.prompt_seen = False
         self.tokens: list[int] = []
         self.printed = ""

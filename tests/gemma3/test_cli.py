@@ -126,3 +126,21 @@ def test_generate_with_a_lora_adapter(model_dir, tmp_path, capsys):
     assert "--lora 'style': expected NAME=PATH" in capsys.readouterr().err
     assert main([*args, "--adapter", "style"]) == 1
     assert "Model is not configured with LoRA" in capsys.readouterr().err
+
+
+def test_text_stream_writes_to_stdout_as_it_is_when_made(monkeypatch):
+    # Not the sys.stdout of when the module was imported: a test's capture, long closed, once was.
+    import io
+
+    from gemma3.cli import TextStream
+
+    class Letters:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(96 + i) for i in ids)
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    stream = TextStream(Letters())
+    for token in ([9], [1], [2]):  # the prompt, then two tokens
+        stream.put(token)
+    assert out.getvalue() == "ab"
