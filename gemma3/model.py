@@ -51,6 +51,7 @@ from npu_kernels.rope import rope as rope_kernel
 from npu_kernels.rope import rope_tables
 
 from .config import FULL, SLIDING, Gemma3TextConfig
+from .host_step import CHUNK_ROW_INPUTS, run_valid_rows
 from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
 
@@ -78,6 +79,8 @@ class PhaseCost:
 
 class Gemma3OnNPU:
     """Runs prefill and decode for a compiled model; holds the KV caches of one batch."""
+
+    valid_rows_only = True  # fast mode: a padded prefill chunk computes its valid rows (host_step)
 
     def __init__(
         self, config: Gemma3TextConfig, rbln: NPUGemma3ForCausalLMConfig, weights: dict[str, np.ndarray]
@@ -114,6 +117,7 @@ class Gemma3OnNPU:
             )
         self.positions = np.zeros(rbln.batch_size, np.int64)  # next position of each sequence
         self.cost = {"prefill": PhaseCost(), IMAGE_PREFILL: PhaseCost(), "decode": PhaseCost()}
+        self.padded_rows = None  # set while a prefill chunk runs its valid rows only (host_step)
 
     def ring(self, layer: int) -> bool:
         """Whether a layer's cache is a ring buffer of ``ring_slots`` (the window in whole KV
@@ -160,7 +164,10 @@ class Gemma3OnNPU:
 
     def _run(self, phase, kernel, *inputs, **consts):
         try:
-            out, report = self.npu.run(kernel, *inputs, **consts)
+            if self.padded_rows is None or kernel.name not in CHUNK_ROW_INPUTS:
+                out, report = self.npu.run(kernel, *inputs, **consts)
+            else:  # host_step: the valid rows of a padded prefill chunk, costed as the whole chunk
+                out, report = run_valid_rows(self.npu, kernel, inputs, consts, self.padded_rows)
         except EmulatorError as e:
             shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
             raise type(e)(f"kernel {kernel.name} on inputs {shapes}: {e}") from None
@@ -220,6 +227,7 @@ class Gemma3OnNPU:
 
     def reset(self):
         self.positions[:] = 0
+        self.padded_rows = None  # (a prefill that raised mid-chunk left it set)
         for cost in self.cost.values():
             cost.reports.clear()
             cost.seconds = 0.0
@@ -242,8 +250,12 @@ class Gemma3OnNPU:
             positions = start + np.arange(size)
             # padding rows: any position the RoPE tables hold (their results are never used)
             positions[valid:] = np.minimum(positions[valid:], c.max_position_embeddings - 1)
+            # host_step: fast mode computes only the valid rows of a padded chunk, costed as padded
+            rows = valid if self.npu.mode == "fast" and self.valid_rows_only else size
+            positions = positions[:rows]
+            self.padded_rows = size if rows < size else None
             if features is None:
-                chunk_ids = np.zeros(size, np.int64)
+                chunk_ids = np.zeros(rows, np.int64)
                 chunk_ids[:valid] = ids[start : start + valid]
                 x = self._embed(phase, chunk_ids)
                 blocks = ()
@@ -254,6 +266,7 @@ class Gemma3OnNPU:
             attend = self._chunk_attention(phase, b, start, valid, positions, blocks)
             for i in range(c.num_hidden_layers):
                 x = self._layer(phase, i, x, positions, attend)
+            self.padded_rows = None
             if start + valid == n:
                 logits = self._logits(phase, x[valid - 1 : valid])[0]
             self.cost[phase].seconds += time.perf_counter() - t0
