@@ -51,7 +51,7 @@ from npu_kernels.rope import rope as rope_kernel
 from npu_kernels.rope import rope_tables
 
 from .config import FULL, SLIDING, Gemma3TextConfig
-from .host_step import CHUNK_ROW_INPUTS, run_valid_rows
+from .host_step import CHUNK_ROW_INPUTS, HostDecode, run_valid_rows
 from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
 
@@ -118,6 +118,8 @@ class Gemma3OnNPU:
         self.positions = np.zeros(rbln.batch_size, np.int64)  # next position of each sequence
         self.cost = {"prefill": PhaseCost(), IMAGE_PREFILL: PhaseCost(), "decode": PhaseCost()}
         self.padded_rows = None  # set while a prefill chunk runs its valid rows only (host_step)
+        # host_step: fast-mode decode steps without the per-kernel run path (None: per kernel)
+        self.host_decode = HostDecode(self) if self.npu.mode == "fast" else None
 
     def ring(self, layer: int) -> bool:
         """Whether a layer's cache is a ring buffer of ``ring_slots`` (the window in whole KV
@@ -342,6 +344,8 @@ class Gemma3OnNPU:
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One token per sequence of the batch; return logits (B, V)."""
+        if self.host_decode is not None:  # host_step: the same numbers and reports, fewer host calls
+            return self.host_decode(tokens)
         c = self.c
         pos = self.positions.copy()
         if (pos >= self.max_seq_len).any():

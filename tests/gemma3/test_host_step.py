@@ -72,3 +72,40 @@ def test_valid_rows_refuse_mismatched_rows_and_tile_mode():
 
     with pytest.raises(NotImplementedError, match="running only the valid rows of kernel 'softmax'"):
         run_valid_rows(NPU("tiny"), softmax, [x[:4]], {}, padded_rows=32)
+
+
+@pytest.mark.parametrize("numerics", ["bf16", "fp32"])
+def test_host_decode_gives_the_per_kernel_path_s_reports_and_logits(tmp_path, numerics):
+    """Past a KV tile and past the sliding window's ring, a batch of two left-padded prompts."""
+    tiny_model(tmp_path, sliding_window=16)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 300, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN, rbln_numerics=numerics, rbln_batch_size=2)
+    runs = []
+    for host_decode in (None, model.runtime.host_decode):
+        model.runtime.host_decode = host_decode
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=40,
+            eos_token_id=[],
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        runs.append((out, [(r.name, r.cycles) for r in model.runtime.cost["decode"].reports]))
+    (per_kernel, per_kernel_reports), (host, host_reports) = runs
+    assert host_reports == per_kernel_reports
+    assert len(model.runtime.host_decode.steps) > 1  # several attention lengths were kept
+    np.testing.assert_array_equal(host.sequences, per_kernel.sequences)
+    for ours, theirs in zip(host.logits, per_kernel.logits):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_host_decode_refuses_a_full_cache(tmp_path):
+    tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    model.runtime.positions[:] = model.runtime.max_seq_len
+    with pytest.raises(ValueError, match="a sequence reached max_seq_len 160"):
+        model.runtime.decode(np.zeros(1, np.int64))
