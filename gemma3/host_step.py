@@ -1,15 +1,20 @@
 """Host shortcuts of the model's steps: fewer host computations, the same emulated cycles.
 
-The chip runs a prefill chunk at its compiled, padded size (``prefill_chunk_size`` rows, the
-last chunk padded); the host needs only the valid rows. In fast mode the last chunk's kernels
-therefore run their ``fast`` functions on the valid rows while the cycle report is the plan of
-the padded chunk, exactly what the per-kernel path adds: the same plan, looked up by the padded
-input shapes and the same consts. Padding rows never reach a valid row's result (attention is
-causal within a text chunk and image chunks are never padded), and every host product computes
-each output row on its own in a fixed order (``npu_kernels/hostmath.py``), so the valid rows'
-values are those of the padded run, bit for bit.
+* **Valid prefill rows.** The chip runs a prefill chunk at its compiled, padded size
+  (``prefill_chunk_size`` rows, the last chunk padded); the host needs only the valid rows. In
+  fast mode the last chunk's kernels therefore run their ``fast`` functions on the valid rows
+  while the cycle report is the plan of the padded chunk, exactly what the per-kernel path adds:
+  the same plan, looked up by the padded input shapes and the same consts. Padding rows never
+  reach a valid row's result (attention is causal within a text chunk and image chunks are
+  never padded), and every host product computes each output row on its own in a fixed order
+  (``npu_kernels/hostmath.py``), so the valid rows' values are those of the padded run, bit
+  for bit. Tile mode always runs the padded chunk: it executes the chip's program as is.
+* **Decode steps without the per-kernel run path** (``HostDecode``): the kernels' ``fast``
+  functions called directly, the reports of the per-kernel path's step at the same attention
+  lengths added; tokens, logits and reports bit for bit those of the per-kernel path.
 
-Tile mode always runs the padded chunk: it executes the chip's program as is.
+The model's hooks (``gemma3/model.py``): ``Gemma3OnNPU.valid_rows_only`` (class switch),
+``padded_rows`` (set while a chunk runs its valid rows) and ``host_decode`` (None: per kernel).
 """
 
 from __future__ import annotations
