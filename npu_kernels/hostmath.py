@@ -150,29 +150,46 @@ _dot_mx1 = _dot_tile(TILE_M, 1)
 _dot_mxn = _dot_tile(TILE_M, TILE_N)
 
 
+@numba.njit(cache=True, inline="always")
+def _mm_columns(a, wt, out, n0, n1):
+    """out[:, n0:n1] = a (M, K) @ wt[n0:n1].T. Up to SMALL_M rows each output streams its
+    weight row on its own (the rows re-read it from L1); more rows go in register tiles."""
+    m_rows = a.shape[0]
+    tiled = m_rows > SMALL_M
+    m_end = m_rows - m_rows % TILE_M if tiled else 0
+    n_end = n1 - (n1 - n0) % TILE_N if tiled else n0
+    for r in range(n0, n_end, TILE_N):
+        for m in range(0, m_end, TILE_M):
+            _dot_mxn(a, wt, out, m, r)
+        for m in range(m_end, m_rows):
+            _dot_1xn(a, wt, out, m, r)
+    for r in range(n_end, n1):
+        for m in range(0, m_end, TILE_M):
+            _dot_mx1(a, wt, out, m, r)
+        for m in range(m_end, m_rows):
+            _dot_1x1(a, wt, out, m, r)
+
+
 @numba.njit(parallel=True, cache=True)
 def _mm_nt(a, wt, out, block):
     """out (M, N) = a (M, K) @ wt.T, wt (N, K) C-ordered (fp32 or bf16 bits): blocks of
-    ``block`` output columns in parallel. Up to SMALL_M rows each output streams its weight
-    row on its own (the rows of a block re-read it from L1); more rows go in register tiles."""
-    m_rows = a.shape[0]
+    ``block`` output columns in parallel."""
     n = wt.shape[0]
-    tiled = m_rows > SMALL_M
-    m_end = m_rows - m_rows % TILE_M if tiled else 0
     for b in numba.prange((n + block - 1) // block):
-        n0 = b * block
-        n1 = min(n, n0 + block)
-        n_end = n1 - (n1 - n0) % TILE_N if tiled else n0
-        for r in range(n0, n_end, TILE_N):
-            for m in range(0, m_end, TILE_M):
-                _dot_mxn(a, wt, out, m, r)
-            for m in range(m_end, m_rows):
-                _dot_1xn(a, wt, out, m, r)
-        for r in range(n_end, n1):
-            for m in range(0, m_end, TILE_M):
-                _dot_mx1(a, wt, out, m, r)
-            for m in range(m_end, m_rows):
-                _dot_1x1(a, wt, out, m, r)
+        _mm_columns(a, wt, out, b * block, min(n, (b + 1) * block))
+
+
+@numba.njit(parallel=True, cache=True)
+def _mm_nt_pair(a, wt0, wt1, out0, out1, block):
+    """``_mm_nt`` of two weights sharing ``a`` in one parallel loop (one fork and join)."""
+    n0, n1 = wt0.shape[0], wt1.shape[0]
+    first = (n0 + block - 1) // block
+    for b in numba.prange(first + (n1 + block - 1) // block):
+        if b < first:
+            _mm_columns(a, wt0, out0, b * block, min(n0, (b + 1) * block))
+        else:
+            c = b - first
+            _mm_columns(a, wt1, out1, c * block, min(n1, (c + 1) * block))
 
 
 def _block(n: int, unit: int, cap: int) -> int:
@@ -202,6 +219,22 @@ def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     out = np.empty((a.shape[0], wt.shape[0]), np.float32)
     _mm_nt(a, wt, out, _block(wt.shape[0], TILE_N, 4096 if a.shape[0] <= SMALL_M else 256))
     return out
+
+
+def matmul_pair(a: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(matmul(a, w0), matmul(a, w1))`` in one parallel loop: the same bits, one thread-pool
+    fork and join instead of two (a GeGLU MLP's gate and up projections)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    for w in (w0, w1):
+        if a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[0]:
+            raise ValueError(f"matmul: a {a.shape} and w {w.shape} do not chain as (M, K) @ (K, N)")
+    wts = [_held(np.ascontiguousarray(w.T)) for w in (w0, w1)]
+    if wts[0].dtype != wts[1].dtype:
+        return matmul(a, w0), matmul(a, w1)
+    outs = [np.empty((a.shape[0], wt.shape[0]), np.float32) for wt in wts]
+    n = wts[0].shape[0] + wts[1].shape[0]
+    _mm_nt_pair(a, *wts, *outs, _block(n, TILE_N, 4096 if a.shape[0] <= SMALL_M else 256))
+    return outs[0], outs[1]
 
 
 def matmul_reference(a: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -67,7 +67,11 @@ def test_matmul_matches_float64_on_the_values_held(m, k, n, dtype, layout, seed)
 def test_matmul_sums_in_the_documented_order(m, k, n, dtype, layout, seed):
     a = arrays((m, k), seed)
     w = held(arrays((k, n), seed + 1), dtype, layout)
-    assert hostmath.matmul(a, w).tobytes() == hostmath.matmul_reference(a, w).tobytes()
+    want = hostmath.matmul_reference(a, w)
+    assert hostmath.matmul(a, w).tobytes() == want.tobytes()
+    w1 = held(arrays((k, 7), seed + 2), dtype, layout)
+    got, got1 = hostmath.matmul_pair(a, w, w1)  # two weights in one parallel loop: the same bits
+    assert got.tobytes() == want.tobytes() and got1.tobytes() == hostmath.matmul_reference(a, w1).tobytes()
 
 
 def test_matmul_refuses_operands_that_do_not_chain():
