@@ -114,7 +114,7 @@ class HostDecode:
 
     def __init__(self, runtime):
         self.rt = runtime
-        self.steps: dict[tuple, list[CycleReport]] = {}  # attention lengths -> the step's reports
+        self.steps: dict[tuple, list[CycleReport]] = {}  # (batch shape, attention lengths) -> reports
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         rt = self.rt
@@ -122,7 +122,8 @@ class HostDecode:
         if (pos >= rt.max_seq_len).any():
             raise ValueError(f"a sequence reached max_seq_len {rt.max_seq_len}")
         lengths = tuple(self._length(i, pos) for i in range(rt.c.num_hidden_layers))
-        kept = self.steps.get(lengths)
+        key = (np.shape(tokens), lengths)  # the batch's rows too: every kernel's shape follows them
+        kept = self.steps.get(key)
         cost = rt.cost["decode"]
         if kept is None:  # the per-kernel path, once per attention length: its reports are kept
             first = len(cost.reports)
@@ -131,7 +132,7 @@ class HostDecode:
                 logits = rt.decode(tokens)
             finally:
                 rt.host_decode = self
-            self.steps[lengths] = cost.reports[first:]
+            self.steps[key] = cost.reports[first:]
             return logits
         logits = self._step(np.asarray(tokens), pos, lengths)
         cost.reports.extend(kept)
