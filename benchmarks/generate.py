@@ -187,8 +187,8 @@ if not os.path.exists(bf16):  # llama.cpp's own quantize, Q4_K_M -> BF16 (requan
     os.replace(tmp, bf16)
 runs = {}
 for name, path in (("q4_k_m", gguf), ("bf16", bf16)):
-    llm = llama_cpp.Llama(path, n_ctx=len(ids) + new + 8, n_threads=2, n_threads_batch=2, n_batch=len(ids),
-                          verbose=False)
+    n_ctx = len(ids) + new + 8  # n_batch as large: the logits buffer has n_batch rows
+    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, n_batch=n_ctx, verbose=False)
     llm.eval(ids[:8])  # warm-up
     llm.reset()
     t = time.perf_counter()
