@@ -1,6 +1,6 @@
 """Generation on the default model (Gemma 3 270M): host speed beside transformers, emulated cost.
 
-    python benchmarks/generate.py [--prompt-tokens 512] [--new-tokens 128] [--json]
+    python benchmarks/generate.py [--prompt-tokens 512] [--new-tokens 128] [--llama-python PY] [--json]
 
 In one process: our ``generate`` (fast mode, the compiled default model from the cache) on a
 prompt of ``--prompt-tokens`` tokens, greedy, ``--new-tokens`` new tokens (EOS ignored); then,
@@ -11,13 +11,25 @@ of both and their ratio, the emulated cycles, milliseconds and tokens per second
 decode on the chip, beside the DRAM-bandwidth bound of a decode step (its compulsory bytes over
 the chip's DRAM bytes per cycle), and peak resident memory (after ours, and at the end).
 
+With llama.cpp (``llama-cpp-python``: the optional ``llama`` extra, never needed by the tests;
+in this interpreter, or in another one named by ``--llama-python``), the same prompt and
+greedy decoding on the same GGUF, as shipped (Q4_K_M) and converted to BF16 by llama.cpp's own
+quantize (cached beside the GGUF), 2 threads; without it those rows are skipped, saying so.
+Also the machine's read bandwidth (a 2-thread Numba read of a 512 MB array, best of 3) beside
+our decode's achieved weight bytes per second: the bytes of every matrix a decode step streams
+(as held on the host: bf16 under bf16 numerics) times decode steps per second.
+
 Measured side by side in one run on purpose: these machines are shared and noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
 
 from common import emit_json  # also puts the repository on sys.path
@@ -43,6 +55,46 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def cpu_name() -> str:
+    """The CPU's model name and core count (Linux), for the figures' label."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
+    """Bytes per second a 2-thread Numba loop reads from a ``megabytes`` array (best of
+    ``repeats``): an integer sum, which the compiler may vectorise and reorder freely."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True)
+    def total(x):
+        s = 0
+        for i in numba.prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    data = np.ones(megabytes * (1 << 20) // 8, np.int64)
+    total(data[:1024])  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total(data)
+        best = min(best, time.perf_counter() - t)
+    return data.nbytes / best
+
+
+def streamed_bytes(model) -> int:
+    """Bytes of the matrices a decode step streams, as the host holds them."""
+    from gemma3.model import is_matrix
+
+    return sum(t.numpy().nbytes for name, t in model.runtime.weights.items() if is_matrix(name))
+
+
 def ours(ids: list[int], new_tokens: int) -> dict:
     from gemma3 import NPUGemma3ForCausalLM
     from gemma3.default_model import compiled_default_dir
@@ -65,6 +117,8 @@ def ours(ids: list[int], new_tokens: int) -> dict:
         "host_prefill_tok_s": len(ids) / rep.host_prefill_s,
         "host_decode_tok_s": steps / rep.host_decode_s,
         "decode_steps": steps,
+        "decode_weight_bytes_per_step": streamed_bytes(model),
+        "decode_weight_bytes_per_s": streamed_bytes(model) * steps / rep.host_decode_s,
         "npu": cfg.name,
         "emulated": {
             "prefill_cycles": rep.prefill.cycles,
@@ -116,11 +170,78 @@ def transformers_run(model_dir: str, ids: list[int], new_tokens: int) -> dict | 
     }
 
 
+# Run by llama-cpp-python's interpreter: argv = gguf, bf16 copy, prompt ids (JSON), new tokens.
+LLAMA_SCRIPT = r"""
+import json, os, sys, time
+import numpy as np
+import llama_cpp
+
+gguf, bf16, ids, new = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+if not os.path.exists(bf16):  # llama.cpp's own quantize, Q4_K_M -> BF16 (requantize allowed)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16
+    params.allow_requantize = True
+    tmp = bf16 + ".part"
+    if llama_cpp.llama_model_quantize(gguf.encode(), tmp.encode(), params) != 0:
+        raise SystemExit("llama.cpp's quantize to BF16 failed")
+    os.replace(tmp, bf16)
+runs = {}
+for name, path in (("q4_k_m", gguf), ("bf16", bf16)):
+    n_ctx = len(ids) + new + 8  # n_batch as large: the logits buffer has n_batch rows
+    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, n_batch=n_ctx, verbose=False)
+    llm.eval(ids[:8])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t
+    tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    t = time.perf_counter()
+    for _ in range(new - 1):
+        llm.eval(tokens[-1:])
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    decode_s = time.perf_counter() - t
+    runs[name] = {"tokens": tokens, "host_prefill_tok_s": len(ids) / prefill_s,
+                  "host_decode_tok_s": (new - 1) / decode_s, "version": llama_cpp.__version__}
+    del llm
+print(json.dumps(runs))
+"""
+
+
+def llama_cpp_run(ids: list[int], new_tokens: int, python: str | None) -> tuple[dict | None, str]:
+    """llama.cpp on the default GGUF (Q4_K_M) and its BF16 conversion: (results, note)."""
+    from gemma3.default_model import default_gguf
+
+    python = python or sys.executable
+    if python == sys.executable:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return (
+                None,
+                "llama.cpp skipped: llama-cpp-python is not installed (the llama extra; or --llama-python)",
+            )
+    gguf = default_gguf()
+    bf16 = os.path.splitext(gguf)[0] + ".llama-cpp-bf16.gguf"
+    done = subprocess.run(
+        [python, "-c", LLAMA_SCRIPT, gguf, bf16, json.dumps(ids), str(new_tokens)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return None, f"llama.cpp skipped: it failed ({tail[0]})"
+    return json.loads(done.stdout.strip().splitlines()[-1]), ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-transformers", action="store_true", help="measure ours only")
+    p.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    p.add_argument(
+        "--llama-python", help="an interpreter with llama-cpp-python installed (default: this one)"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -129,17 +250,32 @@ def main() -> None:
 
     hf_dir = default_model_dir()
     ids = prompt_ids(Gemma3Tokenizer(hf_dir), args.prompt_tokens)
-    result = {"prompt_tokens": len(ids), "new_tokens": args.new_tokens, "ours": ours(ids, args.new_tokens)}
+    result = {"cpu": cpu_name(), "prompt_tokens": len(ids), "new_tokens": args.new_tokens}
+    result["ours"] = ours(ids, args.new_tokens)
     hf = None if args.no_transformers else transformers_run(hf_dir, ids, args.new_tokens)
     result["transformers"] = hf
+    result["ratio"] = {}
     if hf is not None:
         o = result["ours"]
-        result["ratio"] = {
-            "prefill": o["host_prefill_tok_s"] / hf["host_prefill_tok_s"],
-            "decode": o["host_decode_tok_s"] / hf["host_decode_tok_s"],
-        }
+        result["ratio"]["prefill"] = o["host_prefill_tok_s"] / hf["host_prefill_tok_s"]
+        result["ratio"]["decode"] = o["host_decode_tok_s"] / hf["host_decode_tok_s"]
         same = next((i for i, (a, b) in enumerate(zip(o["tokens"], hf["tokens"])) if a != b), None)
         result["tokens_agree_before"] = len(o["tokens"]) if same is None else same
+    llama, note = (
+        (None, "llama.cpp skipped (--no-llama)")
+        if args.no_llama
+        else llama_cpp_run(ids, args.new_tokens, args.llama_python)
+    )
+    result["llama_cpp"], result["llama_cpp_note"] = llama, note
+    if llama is not None:
+        o = result["ours"]
+        for name, run in llama.items():
+            result["ratio"][f"decode_vs_llama_{name}"] = o["host_decode_tok_s"] / run["host_decode_tok_s"]
+            result["ratio"][f"prefill_vs_llama_{name}"] = o["host_prefill_tok_s"] / run["host_prefill_tok_s"]
+    result["read_bytes_per_s"] = read_bandwidth()
+    result["decode_pct_of_read_bandwidth"] = (
+        100 * result["ours"]["decode_weight_bytes_per_s"] / result["read_bytes_per_s"]
+    )
     result["peak_rss_mb_end"] = peak_rss_mb()
     if args.json:
         emit_json(result)
@@ -149,7 +285,7 @@ def main() -> None:
 
 def report(r: dict) -> None:
     o, hf, e = r["ours"], r["transformers"], r["ours"]["emulated"]
-    print(f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, greedy; host: this CPU")
+    print(f"prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens, greedy; host: {r['cpu']}")
     print(f"ours: loaded the compiled model in {o['load_s']:.1f} s (numerics bf16, fast mode)")
     print()
     print(f"{'host tokens/s':<16}{'ours':>10}{'transformers':>14}{'ratio':>8}")
@@ -164,6 +300,20 @@ def report(r: dict) -> None:
             f"(transformers fp32 on {hf['torch_threads']} threads; greedy tokens agree for the first "
             f"{r['tokens_agree_before']} of {len(o['tokens'])}: ours compute in bf16 numerics)"
         )
+    for name, run in (r["llama_cpp"] or {}).items():
+        print(
+            f"llama.cpp {run['version']} ({name}, 2 threads): prefill {run['host_prefill_tok_s']:.1f}, decode "
+            f"{run['host_decode_tok_s']:.1f} tokens/s; ours against it: prefill "
+            f"{r['ratio'][f'prefill_vs_llama_{name}']:.2f}x, decode {r['ratio'][f'decode_vs_llama_{name}']:.2f}x"
+        )
+    if r["llama_cpp_note"]:
+        print(r["llama_cpp_note"])
+    print(
+        f"decode streams {o['decode_weight_bytes_per_step'] / 1e6:.0f} MB of weights a step: "
+        f"{o['decode_weight_bytes_per_s'] / 1e9:.1f} GB/s achieved, {r['decode_pct_of_read_bandwidth']:.0f}% of "
+        f"this machine's measured read bandwidth ({r['read_bytes_per_s'] / 1e9:.1f} GB/s: 2-thread Numba read of "
+        f"512 MB, best of 3)"
+    )
     print()
     print(f"emulated on {o['npu']!r}{'cycles':>16}{'ms':>10}{'tokens/s':>11}")
     print(f"{'prefill':<18}{e['prefill_cycles']:>16,}{e['prefill_ms']:>10.2f}{e['prefill_tok_s']:>11.1f}")

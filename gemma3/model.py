@@ -53,6 +53,7 @@ from npu_kernels.rope import rope as rope_kernel
 from npu_kernels.rope import rope_tables
 
 from .config import FULL, SLIDING, Gemma3TextConfig
+from .host_step import CHUNK_ROW_INPUTS, HostDecode, run_valid_rows
 from .lora import LoRAOnNPU
 from .progress import progress
 from .rbln_config import NPUGemma3ForCausalLMConfig
@@ -81,6 +82,8 @@ class PhaseCost:
 
 class Gemma3OnNPU:
     """Runs prefill and decode for a compiled model; holds the KV caches of one batch."""
+
+    valid_rows_only = True  # fast mode: a padded prefill chunk computes its valid rows (host_step)
 
     def __init__(
         self, config: Gemma3TextConfig, rbln: NPUGemma3ForCausalLMConfig, weights: dict[str, np.ndarray]
@@ -120,6 +123,11 @@ class Gemma3OnNPU:
         self.cost = {"prefill": PhaseCost(), IMAGE_PREFILL: PhaseCost(), "decode": PhaseCost()}
         # LoRA (gemma3/lora.py): the hook that adds each row's adapter to the projections.
         self.lora = LoRAOnNPU(self, rbln.batch_size) if rbln.lora_config is not None else None
+        self.padded_rows = None  # set while a prefill chunk runs its valid rows only (host_step)
+        # host_step: fast-mode decode steps of the whole compiled batch without the per-kernel run
+        # path (None: per kernel). It runs the plain model: LoRA and flash attention go per kernel.
+        plain = self.lora is None and self.partition is None
+        self.host_decode = HostDecode(self) if self.npu.mode == "fast" and plain else None
 
     def ring(self, layer: int) -> bool:
         """Whether a layer's cache is a ring buffer of ``ring_slots`` (the window in whole KV
@@ -166,10 +174,17 @@ class Gemma3OnNPU:
 
     def _run(self, phase, kernel, *inputs, **consts):
         try:
-            out, report = self.npu.run(kernel, *inputs, **consts)
+            if self.padded_rows is None or kernel.name not in CHUNK_ROW_INPUTS:
+                out, report = self.npu.run(kernel, *inputs, **consts)
+            else:  # host_step: the valid rows of a padded prefill chunk, costed as the whole chunk
+                out, report = run_valid_rows(self.npu, kernel, inputs, consts, self.padded_rows)
         except EmulatorError as e:
-            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
-            raise type(e)(f"kernel {kernel.name} on inputs {shapes}: {e}") from None
+            rows = CHUNK_ROW_INPUTS.get(kernel.name, ()) if self.padded_rows is not None else ()
+            shapes = [
+                (self.padded_rows, *x.shape[1:]) if j in rows else tuple(x.shape)
+                for j, x in enumerate(inputs)
+            ]
+            raise type(e)(f"kernel {kernel.name} on inputs {', '.join(map(str, shapes))}: {e}") from None
         self.cost[phase].add(report)
         return out
 
@@ -234,6 +249,7 @@ class Gemma3OnNPU:
 
     def reset(self):
         self.positions[:] = 0
+        self.padded_rows = None  # (a prefill that raised mid-chunk left it set)
         for cost in self.cost.values():
             cost.reports.clear()
             cost.seconds = 0.0
@@ -262,13 +278,18 @@ class Gemma3OnNPU:
             positions = start + np.arange(size)
             # padding rows: any position the RoPE tables hold (their results are never used)
             positions[valid:] = np.minimum(positions[valid:], c.max_position_embeddings - 1)
+            # host_step: fast mode computes only the valid rows of a padded chunk, costed as padded
+            # (LoRA's kernels run the whole chunk: their row-to-adapter map is the chunk's.)
+            rows = valid if self.npu.mode == "fast" and self.valid_rows_only and not self.lora else size
+            positions = positions[:rows]
+            self.padded_rows = size if rows < size else None
             if features is None:
-                chunk_ids = np.zeros(size, np.int64)
+                chunk_ids = np.zeros(rows, np.int64)
                 chunk_ids[:valid] = ids[start : start + valid]
                 if embeds is None:
                     x = self._embed(phase, chunk_ids)
                 else:  # embedded on the host, as the real runtime's inputs_embeds prefill
-                    x = np.zeros((size, c.hidden_size), np.float32)
+                    x = np.zeros((rows, c.hidden_size), np.float32)
                     x[:valid] = embeds[start : start + valid]
                 blocks = ()
             else:  # the image's features replace the embeddings of its soft tokens
@@ -282,6 +303,7 @@ class Gemma3OnNPU:
                 if layers is not None:
                     layers[i].append(np.array(x[:valid], np.float32))
                 x = self._layer(phase, i, x, positions, attend)
+            self.padded_rows = None
             if layers is not None:
                 layers[-1].append(np.array(x[:valid], np.float32))
             if start + valid == n:
@@ -363,6 +385,8 @@ class Gemma3OnNPU:
         """One token per sequence of the first B batch rows (B = len(tokens): the compiled
         ``batch_size`` or one of ``decoder_batch_sizes``, the decoder compiled for B rows, which
         reads the caches of those rows); return logits (B, V)."""
+        if self.host_decode is not None and len(tokens) == self.rbln.batch_size:
+            return self.host_decode(tokens)  # host_step: the same numbers and reports, fewer host calls
         c = self.c
         n = len(tokens)
         if n not in (self.rbln.decoder_batch_sizes or [self.rbln.batch_size]):
@@ -382,17 +406,7 @@ class Gemma3OnNPU:
             slots = k_cache.shape[2]
             reach = int(min(pos.max() + 1, slots))
             length = self._decode_length(i, reach, slots)
-            j = np.arange(length)[None, :]
-            if self.ring(i):
-                # Ring slot j holds position p = pos - ((pos - j) mod slots): valid once written,
-                # visible within the window (slots past the window hold older positions).
-                held = pos[:, None] - ((pos[:, None] - j) % slots)
-                visible = (held >= 0) & (held > pos[:, None] - self.window)
-            else:  # slot = position; a sliding layer still sees only the window
-                visible = j <= pos[:, None]
-                if c.is_sliding(i):
-                    visible &= j > pos[:, None] - self.window
-            mask = np.where(visible, 0.0, -np.inf).astype(np.float32)
+            mask = self.decode_mask(i, pos, length, slots)
             kernel, consts = self._decode_kernel(i)
             out = self._run("decode", kernel, q, k_cache, v_cache, mask, scale=c.attention_scale, **consts)
             return out.reshape(q.shape[0], -1)
@@ -401,6 +415,21 @@ class Gemma3OnNPU:
             x = self._layer("decode", i, x, pos, attend)
         self.positions[:n] += 1
         return self._logits("decode", x)
+
+    def decode_mask(self, i: int, pos: np.ndarray, length: int, slots: int) -> np.ndarray:
+        """The additive mask (B, length) of layer ``i``'s decode attention over the first
+        ``length`` of its ``slots`` cache slots, for sequences at positions ``pos`` (B,)."""
+        j = np.arange(length)[None, :]
+        if self.ring(i):
+            # Ring slot j holds position p = pos - ((pos - j) mod slots): valid once written,
+            # visible within the window (slots past the window hold older positions).
+            held = pos[:, None] - ((pos[:, None] - j) % slots)
+            visible = (held >= 0) & (held > pos[:, None] - self.window)
+        else:  # slot = position; a sliding layer still sees only the window
+            visible = j <= pos[:, None]
+            if self.c.is_sliding(i):
+                visible &= j > pos[:, None] - self.window
+        return np.where(visible, 0.0, -np.inf).astype(np.float32)
 
     def _rows(self, cache: DeviceTensor, n: int) -> DeviceTensor:
         """The first ``n`` sequences of a cache (B, Hkv, S, hd): a view of the same DRAM (rows

@@ -101,6 +101,7 @@ from npu_emulator import Kernel, KernelError
 from npu_emulator.memory import itemsize
 from npu_emulator.program import KernelContext, ceil_div, tiles
 
+from . import hostmath
 from .common import interleave
 
 AFF = "aff"  # an edge that moves with the query: kp = qp (causal) or kp = qp - window + 1
@@ -350,7 +351,8 @@ def _masked_softmax(s, G, q_start, key_pos, key_blk, q_blk, window, scale):
 def attention_prefill_fast(
     q, k_new, v_new, k_cache, v_cache, *, q_start, scale, window=None, ring=False, batch=0, image_blocks=()
 ):
-    """The whole op: BLAS for the two products per kv head, Numba for mask and softmax (fp32)."""
+    """The whole op in fp32: the two products per kv head in hostmath's fixed order, Numba for
+    mask and softmax."""
     geo = geometry(
         q.shape,
         k_new.shape,
@@ -374,9 +376,9 @@ def attention_prefill_fast(
         keys = np.concatenate([k_cache[batch, h, slots], k_new[:, h]]).astype(np.float32)
         vals = np.concatenate([v_cache[batch, h, slots], v_new[:, h]]).astype(np.float32)
         qh = np.ascontiguousarray(q[:, h * G : (h + 1) * G], np.float32).reshape(T * G, hd)
-        s = qh @ keys.T
+        s = hostmath.matmul(qh, keys.T)  # the fixed summation order of any host (hostmath)
         _masked_softmax(s, G, q_start, key_pos, blk, q_blk, window or 0, np.float32(scale))
-        out[:, h * G : (h + 1) * G] = (s @ vals).reshape(T, G, hd)
+        out[:, h * G : (h + 1) * G] = hostmath.matmul(s, vals).reshape(T, G, hd)
     return out
 
 

@@ -1,21 +1,43 @@
 """Host math behind the kernels' ``fast`` mode: how this CPU computes, never what the chip costs.
 
 The emulated cycles come from the tiled programs' schedules; the functions here only decide
-how quickly the host produces the same numbers. Two things matter on a small CPU:
+how quickly the host produces the same numbers, and make those numbers the same on every
+x86-64 host. Three things matter:
 
+* **One summation order, on any CPU.** The emulator is a reference: the same compiled model and
+  prompt must give the same tokens everywhere, and bf16 numerics round every stored activation,
+  so a last-bit difference in an fp32 sum can flip a rounding and then a greedy token. BLAS
+  picks its kernel (and so its summation order) by CPU, and compilers reassociate sums by the
+  vector width they target. So every product here sums in one documented order, written out in
+  explicit LLVM vector instructions (``LANES`` wide whatever the CPU's registers: LLVM splits
+  them into what the target has, lane by lane, which does not change a lane's value), with no
+  fast-math flags (no reassociation, no fused multiply-add: each product is rounded to fp32,
+  then added). The order of ``out[m, n] = sum_k a[m, k] * w[k, n]``:
+
+      lane j (0 <= j < 16):  l_j = (...((+0 + a[j] w[j]) + a[16+j] w[16+j]) + a[32+j] w[32+j]) ...)
+      out = (...((l_0 + l_1) + l_2) ... ) + l_15
+
+  (every ``+`` and product in fp32; a lane's last term is the last k = j mod 16 below K). A
+  lane's sum is never -0, so trailing zero products (K padded with zeros, or keys of zero
+  attention weight after the last visible one) change nothing. ``matmul_reference``
+  computes the same in NumPy; the tests hold the two equal bit for bit, with Numba targeting
+  the host's CPU and a generic x86-64 one. Each output depends on its row of ``a`` and its
+  column of ``w`` only, never on how many rows are computed at once or how they are tiled:
+  a prefill chunk's valid rows equal the padded chunk's (``gemma3/host_step.py``).
 * **One thread pool at a time.** Numba's parallel loops (OpenMP threads) and OpenBLAS keep
   their own worker threads, which spin for a while after each call; two pools alternating on
   two cores wait on each other's spinning (a decode step of a few hundred small calls went
-  from ~30 ms to over 800 ms that way on the default model). So the elementwise kernels run on the calling thread
-  (they are cheap next to the products), products with many rows (prefill) use BLAS's
-  threads, and products with few rows (decode) and decode attention use Numba's.
+  from ~30 ms to over 800 ms that way on the default model). Products run on Numba's threads,
+  over blocks of output columns; the elementwise kernels run on the calling thread.
 * **Weight bytes.** Decoding streams every weight once per token. Weights may be held in
-  bfloat16 (what the chip stores; exact under bf16 numerics) and are widened to fp32 a cache
-  line at a time inside the kernels, which accumulate in fp32: half the memory traffic of
-  fp32 weights.
+  bfloat16 (what the chip stores; exact under bf16 numerics) and are widened to fp32 in
+  registers (the fp32 word's upper half), ``LANES`` at a time: half the memory traffic of fp32
+  weights. The products read ``w`` as the rows of ``w.T`` (column-major ``w``, as the model
+  holds its matrices): each output is one contiguous stream per operand.
 
 ``matmul(a, w)`` is the entry point: ``a`` (M, K) fp32 times ``w`` (K, N) fp32 or bfloat16,
-C-ordered or the transposed view of a (N, K) array (the tied embedding read as the LM head).
+column-major (the transposed view of a C-ordered (N, K) array: the model's matrices and the
+tied embedding read as the LM head) or C-ordered (transposed to column-major per call).
 """
 
 from __future__ import annotations
@@ -25,11 +47,16 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-SMALL_M = 16  # rows: up to this many, products stream the weights in Numba (decode)
-_REASSOC = {"reassoc", "contract"}  # fp32 sums may be reordered (vectorised), as BLAS does
+LANES = 16  # partial sums per output (the summation order above; not the CPU's vector width)
+SMALL_M = 16  # rows: up to this many (decode), each output streams its weights on its own
+TILE_M, TILE_N = 4, 4  # more rows (prefill): outputs in 4 x 4 register tiles, sharing loads
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
 
 
 def is_bf16(a: np.ndarray) -> bool:
@@ -41,68 +68,128 @@ def as_f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-@intrinsic
-def _f32_bits(typingctx, bits):
-    """Reinterpret int32 bits as a float32 (an LLVM bitcast: vectorises, unlike array views)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-def _value(x):
-    """The fp32 value of one weight as held: fp32 as is, bfloat16 bits (uint16) widened."""
-    raise NotImplementedError  # only called from Numba code: see the overload below
-
-
-@overload(_value, inline="always")
-def _value_typed(x):
-    if x == types.uint16:  # bf16 bits: the fp32 word's upper half
-        return lambda x: _f32_bits(np.int32(np.uint32(x) << np.uint32(16)))
-    return lambda x: x
-
-
 def _held(w: np.ndarray) -> np.ndarray:
     """What the Numba kernels read: bf16 as its bits (uint16), else fp32."""
     return w.view(np.uint16) if is_bf16(w) else np.asarray(w, np.float32)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _mv_kn(a, w, out, block):
-    """out (M, N) = a (M, K) @ w (K, N), w C-ordered (fp32 or bf16 bits); column blocks in
-    parallel, each accumulating its (M, block) outputs over the K rows."""
-    m_rows, k_len = a.shape
-    n = w.shape[1]
-    for b in numba.prange((n + block - 1) // block):
-        n0 = b * block
-        n1 = min(n, n0 + block)
-        acc = np.zeros((m_rows, n1 - n0), np.float32)
-        for k in range(k_len):
-            row = w[k, n0:n1]
-            for m in range(m_rows):
-                x = a[m, k]
-                am = acc[m]
-                for j in range(n1 - n0):
-                    am[j] += x * _value(row[j])
-        out[:, n0:n1] = acc
+def _dot_tile(rows: int, cols: int):
+    """An intrinsic ``tile(a, wt, out, m0, n0)``: out[m0 + i, n0 + j] = a[m0 + i] . wt[n0 + j]
+    for i < rows, j < cols, in the fixed order of the module docstring. a (M, K) fp32 and
+    wt (N, K) fp32 or bf16 bits (uint16), rows C-contiguous; the tile shares each loaded
+    ``LANES``-vector of a among its columns and of wt among its rows."""
+
+    @intrinsic
+    def tile(typingctx, a, wt, out, m0, n0):
+        def codegen(context, builder, sig, args):
+            a_ty, w_ty, o_ty = sig.args[:3]
+            a_, w_, o_ = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+            m0_, n0_ = args[3], args[4]
+            k_len = builder.extract_value(a_.shape, 1)
+            vec = ir.VectorType(_F32, LANES)
+            bf16 = w_ty.dtype == types.uint16
+            held = ir.VectorType(ir.IntType(16), LANES) if bf16 else vec
+            zero = ir.Constant(_I64, 0)
+
+            def row(ty, arr, first, i):
+                index = builder.add(first, ir.Constant(_I64, i))
+                return cgutils.get_item_pointer(context, builder, ty, arr, [index, zero])
+
+            def widen(v, to):  # bf16 bits -> the fp32 word whose upper half they are
+                if not bf16:
+                    return v
+                bits = ir.VectorType(_I32, LANES) if isinstance(to, ir.VectorType) else _I32
+                sixteen = ir.Constant(bits, [16] * LANES if bits is not _I32 else 16)
+                return builder.bitcast(builder.shl(builder.zext(v, bits), sixteen), to)
+
+            xs = [row(a_ty, a_, m0_, i) for i in range(rows)]
+            ws = [row(w_ty, w_, n0_, j) for j in range(cols)]
+            lanes = [[cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in ws] for _ in xs]
+            whole = builder.sub(k_len, builder.srem(k_len, ir.Constant(_I64, LANES)))
+            with cgutils.for_range_slice(builder, zero, whole, ir.Constant(_I64, LANES)) as (k, _):
+                xv = [
+                    builder.load(builder.bitcast(builder.gep(p, [k]), vec.as_pointer()), align=4) for p in xs
+                ]
+                wv = [
+                    widen(builder.load(builder.bitcast(builder.gep(p, [k]), held.as_pointer()), align=2), vec)
+                    for p in ws
+                ]
+                for i, x in enumerate(xv):
+                    for j, w in enumerate(wv):
+                        acc = lanes[i][j]
+                        builder.store(builder.fadd(builder.load(acc), builder.fmul(x, w)), acc)
+            for i, x_ptr in enumerate(xs):
+                for j, w_ptr in enumerate(ws):
+                    # The last partial block: k = whole + lane into its lane, as a zero-padded block.
+                    with cgutils.for_range_slice(builder, whole, k_len, ir.Constant(_I64, 1)) as (k, _):
+                        product = builder.fmul(
+                            builder.load(builder.gep(x_ptr, [k])),
+                            widen(builder.load(builder.gep(w_ptr, [k])), _F32),
+                        )
+                        lane = builder.trunc(builder.sub(k, whole), _I32)
+                        acc = builder.load(lanes[i][j])
+                        total = builder.fadd(builder.extract_element(acc, lane), product)
+                        builder.store(builder.insert_element(acc, total, lane), lanes[i][j])
+                    acc = builder.load(lanes[i][j])
+                    total = builder.extract_element(acc, ir.Constant(_I32, 0))
+                    for lane in range(1, LANES):
+                        total = builder.fadd(total, builder.extract_element(acc, ir.Constant(_I32, lane)))
+                    m = builder.add(m0_, ir.Constant(_I64, i))
+                    n = builder.add(n0_, ir.Constant(_I64, j))
+                    builder.store(total, cgutils.get_item_pointer(context, builder, o_ty, o_, [m, n]))
+            return context.get_dummy_value()
+
+        return types.void(a, wt, out, types.intp, types.intp), codegen
+
+    return tile
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _mv_nk(a, wt, out, block):
-    """out (M, N) = a (M, K) @ wt.T: wt (N, K) C-ordered (row n is column n of w), so each
-    output is one contiguous dot product and the weights stream in order."""
-    m_rows, k_len = a.shape
+_dot_1x1 = _dot_tile(1, 1)
+_dot_1xn = _dot_tile(1, TILE_N)
+_dot_mx1 = _dot_tile(TILE_M, 1)
+_dot_mxn = _dot_tile(TILE_M, TILE_N)
+
+
+@numba.njit(cache=True, inline="always")
+def _mm_columns(a, wt, out, n0, n1):
+    """out[:, n0:n1] = a (M, K) @ wt[n0:n1].T. Up to SMALL_M rows each output streams its
+    weight row on its own (the rows re-read it from L1); more rows go in register tiles."""
+    m_rows = a.shape[0]
+    tiled = m_rows > SMALL_M
+    m_end = m_rows - m_rows % TILE_M if tiled else 0
+    n_end = n1 - (n1 - n0) % TILE_N if tiled else n0
+    for r in range(n0, n_end, TILE_N):
+        for m in range(0, m_end, TILE_M):
+            _dot_mxn(a, wt, out, m, r)
+        for m in range(m_end, m_rows):
+            _dot_1xn(a, wt, out, m, r)
+    for r in range(n_end, n1):
+        for m in range(0, m_end, TILE_M):
+            _dot_mx1(a, wt, out, m, r)
+        for m in range(m_end, m_rows):
+            _dot_1x1(a, wt, out, m, r)
+
+
+@numba.njit(parallel=True, cache=True)
+def _mm_nt(a, wt, out, block):
+    """out (M, N) = a (M, K) @ wt.T, wt (N, K) C-ordered (fp32 or bf16 bits): blocks of
+    ``block`` output columns in parallel."""
     n = wt.shape[0]
     for b in numba.prange((n + block - 1) // block):
-        for r in range(b * block, min(n, (b + 1) * block)):
-            row = wt[r]
-            for m in range(m_rows):
-                am = a[m]
-                s = np.float32(0.0)
-                for k in range(k_len):
-                    s += am[k] * _value(row[k])
-                out[m, r] = s
+        _mm_columns(a, wt, out, b * block, min(n, (b + 1) * block))
+
+
+@numba.njit(parallel=True, cache=True)
+def _mm_nt_pair(a, wt0, wt1, out0, out1, block):
+    """``_mm_nt`` of two weights sharing ``a`` in one parallel loop (one fork and join)."""
+    n0, n1 = wt0.shape[0], wt1.shape[0]
+    first = (n0 + block - 1) // block
+    for b in numba.prange(first + (n1 + block - 1) // block):
+        if b < first:
+            _mm_columns(a, wt0, out0, b * block, min(n0, (b + 1) * block))
+        else:
+            c = b - first
+            _mm_columns(a, wt1, out1, c * block, min(n1, (c + 1) * block))
 
 
 def _block(n: int, unit: int, cap: int) -> int:
@@ -123,21 +210,48 @@ def column_major(w: np.ndarray, dtype=None) -> np.ndarray:
 
 
 def matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``a @ w`` in fp32: a (M, K) fp32, w (K, N) fp32 or bf16, C-ordered or column-major.
-
-    At most ``SMALL_M`` rows of ``a`` (decode: bandwidth bound), Numba streams column-major
-    or bf16 weights once over its threads, widening bf16 in registers; C-ordered fp32 weights
-    (a kernel called on plain arrays) go to BLAS's matrix-vector product, which streams them
-    faster than a column-block loop. More rows (prefill: compute bound) go to BLAS, bf16
-    weights widened once per call."""
+    """``a @ w`` in fp32, summed in the fixed order of the module docstring: a (M, K) fp32,
+    w (K, N) fp32 or bf16, column-major (streamed as held) or C-ordered (transposed first)."""
     a = np.ascontiguousarray(a, dtype=np.float32)
-    col = transposed(w)
-    if a.shape[0] > SMALL_M or not (col or is_bf16(w)):
-        return np.matmul(a, as_f32(w.T).T if col else as_f32(w), dtype=np.float32)
-    n = w.shape[1]
-    out = np.empty((a.shape[0], n), np.float32)
-    if col:
-        _mv_nk(a, _held(w.T), out, _block(n, 64, 4096))
-    else:
-        _mv_kn(a, _held(np.ascontiguousarray(w)), out, _block(n, 64, 1024))
+    if a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[0]:
+        raise ValueError(f"matmul: a {a.shape} and w {w.shape} do not chain as (M, K) @ (K, N)")
+    wt = _held(np.ascontiguousarray(w.T))  # (N, K): no copy when w is column-major
+    out = np.empty((a.shape[0], wt.shape[0]), np.float32)
+    _mm_nt(a, wt, out, _block(wt.shape[0], TILE_N, 4096 if a.shape[0] <= SMALL_M else 256))
+    return out
+
+
+def matmul_pair(a: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(matmul(a, w0), matmul(a, w1))`` in one parallel loop: the same bits, one thread-pool
+    fork and join instead of two (a GeGLU MLP's gate and up projections)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    for w in (w0, w1):
+        if a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[0]:
+            raise ValueError(f"matmul: a {a.shape} and w {w.shape} do not chain as (M, K) @ (K, N)")
+    wts = [_held(np.ascontiguousarray(w.T)) for w in (w0, w1)]
+    if wts[0].dtype != wts[1].dtype:
+        return matmul(a, w0), matmul(a, w1)
+    outs = [np.empty((a.shape[0], wt.shape[0]), np.float32) for wt in wts]
+    n = wts[0].shape[0] + wts[1].shape[0]
+    _mm_nt_pair(a, *wts, *outs, _block(n, TILE_N, 4096 if a.shape[0] <= SMALL_M else 256))
+    return outs[0], outs[1]
+
+
+def matmul_reference(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``matmul`` in NumPy, in the same order (module docstring), to check it bit for bit:
+    K zero-padded to whole ``LANES`` blocks, fp32 products summed block by block into the
+    lanes, then the lanes added in order. NumPy's fp32 elementwise ``*`` and ``+`` round each
+    result, as the kernel does (the padding's zero products change no lane: module docstring)."""
+    a = np.asarray(a, np.float32)
+    w = np.asarray(w, np.float32)
+    k_len = a.shape[1]
+    padded = -(-k_len // LANES) * LANES
+    a = np.pad(a, ((0, 0), (0, padded - k_len)))
+    w = np.pad(w, ((0, padded - k_len), (0, 0)))
+    lanes = np.zeros((a.shape[0], w.shape[1], LANES), np.float32)
+    for k0 in range(0, padded, LANES):
+        lanes += a[:, None, k0 : k0 + LANES] * w[k0 : k0 + LANES].T[None]
+    out = lanes[:, :, 0].copy()
+    for j in range(1, LANES):
+        out += lanes[:, :, j]
     return out

@@ -1,10 +1,18 @@
-"""Host math of fast mode: bf16 / column-major weights give the same numbers as fp32 ones.
+"""Host math of fast mode: one summation order on any CPU; bf16 / column-major weights give
+the same numbers as fp32 ones.
 
-The products are checked against float64 NumPy on the very values held (bf16 weights are
-bf16-rounded first), across the row count where the path changes (Numba streaming up to
-``SMALL_M`` rows, BLAS beyond), for both host layouts. The kernels' fast paths given compact
-weights must equal their fast paths given the same values in fp32; the emulated cycles must
-not depend on the host copy at all."""
+The products equal ``matmul_reference`` (NumPy, the same documented order) bit for bit, across
+the row count where the tiling changes (one output at a time up to ``SMALL_M`` rows, register
+tiles beyond) and for both host layouts, with Numba targeting this CPU and a generic x86-64
+one (subprocesses: SSE2 vectors against this CPU's wider ones). They are also checked against
+float64 NumPy on the very values held. The kernels' fast paths given compact weights must equal
+their fast paths given the same values in fp32; the emulated cycles must not depend on the host
+copy at all."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -45,6 +53,87 @@ def test_matmul_matches_float64_on_the_values_held(m, k, n, dtype, layout, seed)
     want = a.astype(np.float64) @ w.astype(np.float64)
     assert got.dtype == np.float32 and got.shape == (m, n)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.sqrt(k) * max(1.0, np.abs(want).max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=ROWS,
+    k=sizes(max_value=300),
+    n=sizes(max_value=300),
+    dtype=st.sampled_from([np.float32, BF16]),
+    layout=st.sampled_from(["row", "column"]),
+    seed=seeds,
+)
+def test_matmul_sums_in_the_documented_order(m, k, n, dtype, layout, seed):
+    a = arrays((m, k), seed)
+    w = held(arrays((k, n), seed + 1), dtype, layout)
+    want = hostmath.matmul_reference(a, w)
+    assert hostmath.matmul(a, w).tobytes() == want.tobytes()
+    w1 = held(arrays((k, 7), seed + 2), dtype, layout)
+    got, got1 = hostmath.matmul_pair(a, w, w1)  # two weights in one parallel loop: the same bits
+    assert got.tobytes() == want.tobytes() and got1.tobytes() == hostmath.matmul_reference(a, w1).tobytes()
+
+
+def test_matmul_refuses_operands_that_do_not_chain():
+    with pytest.raises(ValueError, match=r"matmul: a \(2, 3\) and w \(4, 5\) do not chain"):
+        hostmath.matmul(np.ones((2, 3), np.float32), np.ones((4, 5), np.float32))
+
+
+# Run in a subprocess per target: products and the model path's fast kernels on fixed inputs,
+# their bytes written to stdout's last line (hex), and the assembly of one product tile.
+TARGET_SCRIPT = textwrap.dedent(
+    """
+    import numba, numpy as np
+    from npu_kernels import hostmath
+    from npu_kernels.attention_prefill import attention_prefill_fast
+    from npu_kernels.mlp import geglu_mlp_fast
+    from tests.strategies import arrays
+
+    @numba.njit
+    def one_tile(a, wt, out):
+        hostmath._dot_1x1(a, wt, out, 0, 0)
+
+    one_tile(np.ones((1, 32), np.float32), np.ones((1, 32), np.uint16), np.empty((1, 1), np.float32))
+    asm = "".join(one_tile.inspect_asm().values())
+    outs = []
+    for m, k, n in ((1, 640, 300), (3, 257, 64), (40, 100, 33)):
+        a = arrays((m, k), m)
+        for dtype in (np.float32, hostmath.BF16):
+            outs.append(hostmath.matmul(a, hostmath.column_major(arrays((k, n), k), dtype)))
+    x = arrays((5, 64), 1)
+    ws = [hostmath.column_major(arrays(s, 2 + i), hostmath.BF16) for i, s in enumerate([(64, 96)] * 2 + [(96, 64)])]
+    outs.append(geglu_mlp_fast(x, *ws, numerics="bf16"))
+    q, kv, cache = arrays((7, 4, 32), 5), arrays((7, 2, 32), 6), arrays((1, 2, 16, 32), 7)
+    outs.append(attention_prefill_fast(q, kv, kv, cache, cache, q_start=3, scale=0.2))
+    print("ymm" in asm or "zmm" in asm)
+    print(b"".join(o.astype(np.float32).tobytes() for o in outs).hex())
+    """
+)
+
+
+def run_target(tmp_path, cpu_name):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / (cpu_name or "host"))}
+    env.pop("NUMBA_CPU_NAME", None)
+    env.pop("NUMBA_CPU_FEATURES", None)
+    if cpu_name:
+        env["NUMBA_CPU_NAME"] = cpu_name
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", TARGET_SCRIPT], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    wide, values = done.stdout.split()[-2:]
+    return wide == "True", values
+
+
+def test_the_same_bits_on_a_generic_x86_64_target_and_on_this_cpu(tmp_path):
+    """Numba compiled for a generic x86-64 (SSE2: 4-lane vectors, no FMA) and for this CPU
+    (AVX2 or AVX-512: 8 or 16 lanes) give the same bits: products, the MLP and attention."""
+    generic_wide, generic = run_target(tmp_path, "generic")
+    host_wide, host = run_target(tmp_path, None)
+    assert not generic_wide  # the generic target really used no wider vectors
+    if not host_wide:
+        pytest.skip("this CPU has no AVX: both runs targeted the same vector width")
+    assert generic == host
 
 
 def test_layout_helpers():

@@ -1,0 +1,192 @@
+"""Host shortcuts of the model's steps: fewer host computations, the same emulated cycles.
+
+* **Valid prefill rows.** The chip runs a prefill chunk at its compiled, padded size
+  (``prefill_chunk_size`` rows, the last chunk padded); the host needs only the valid rows. In
+  fast mode the last chunk's kernels therefore run their ``fast`` functions on the valid rows
+  while the cycle report is the plan of the padded chunk, exactly what the per-kernel path adds:
+  the same plan, looked up by the padded input shapes and the same consts. Padding rows never
+  reach a valid row's result (attention is causal within a text chunk and image chunks are
+  never padded), and every host product computes each output row on its own in a fixed order
+  (``npu_kernels/hostmath.py``), so the valid rows' values are those of the padded run, bit
+  for bit. Tile mode always runs the padded chunk: it executes the chip's program as is.
+* **Decode steps without the per-kernel run path** (``HostDecode``): the kernels' ``fast``
+  functions called directly, the reports of the per-kernel path's step at the same attention
+  lengths added; tokens, logits and reports bit for bit those of the per-kernel path.
+
+The model's hooks (``gemma3/model.py``): ``Gemma3OnNPU.valid_rows_only`` (class switch),
+``padded_rows`` (set while a chunk runs its valid rows) and ``host_decode`` (None: per kernel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from npu_emulator import CycleReport, Kernel, KernelError
+from npu_emulator.device import DeviceTensor
+from npu_emulator.memory import DTYPES, round_bf16, store_value
+from npu_kernels.attention_decode import attention_decode
+from npu_kernels.embedding import embedding
+from npu_kernels.kvcache import kv_cache_write
+from npu_kernels.lm_head import lm_head
+from npu_kernels.matmul import matmul
+from npu_kernels.mlp import geglu_mlp
+from npu_kernels.norms import rmsnorm
+from npu_kernels.rope import rope
+
+# Which inputs of each kernel the prefill chunk's rows run along (their first axis); every
+# other input (weights, tables, caches) has the same shape padded or not.
+CHUNK_ROW_INPUTS = {
+    "embedding": (0,),  # ids (T,)
+    "rmsnorm": (0,),  # x (T, hidden) or (T, heads, head_dim)
+    "matmul": (0,),  # a (T, K)
+    "rope": (0, 3),  # x (T, heads, head_dim), positions (T,)
+    "attention_prefill": (0, 1, 2),  # q (T, Hq, hd), k and v (T, Hkv, hd)
+    "geglu_mlp": (0,),  # x (T, hidden)
+}
+
+
+def run_valid_rows(
+    npu, kernel: Kernel, inputs, consts: dict, padded_rows: int
+) -> tuple[np.ndarray, CycleReport]:
+    """Run ``kernel``'s fast function on ``inputs`` whose chunk rows (``CHUNK_ROW_INPUTS``)
+    are the valid rows only, and cost it as the chunk of ``padded_rows`` rows the chip runs.
+
+    Returns (outputs, report) as ``NPU.run`` does: outputs rounded to their declared dtype as
+    fast mode stores them, with the valid rows only; the report is the padded chunk's plan."""
+    if npu.mode != "fast":
+        raise KernelError(f"{kernel.name}: valid rows only are a fast-mode shortcut (mode {npu.mode!r})")
+    if kernel.name not in CHUNK_ROW_INPUTS:
+        raise NotImplementedError(f"running only the valid rows of kernel {kernel.name!r}")
+    rows = CHUNK_ROW_INPUTS[kernel.name]
+    # Host arrays go to DRAM as NPU.run takes them (rounded to the device dtype), then freed.
+    names = kernel.input_names(len(inputs))
+    tensors = [x if isinstance(x, DeviceTensor) else npu.to_device(x, name=n) for x, n in zip(inputs, names)]
+    try:
+        return _run(npu, kernel, tensors, rows, consts, padded_rows)
+    finally:
+        for x, t in zip(inputs, tensors):
+            if t is not x:
+                npu.free(t)
+
+
+def _run(npu, kernel, tensors, rows, consts, padded_rows):
+    arrays = [t.numpy() for t in tensors]
+    valid = arrays[rows[0]].shape[0]
+    if valid > padded_rows or any(arrays[r].shape[0] != valid for r in rows):
+        shapes = ", ".join(str(arrays[r].shape) for r in rows)
+        raise KernelError(
+            f"{kernel.name}: chunk-row inputs {shapes} must all have <= {padded_rows} rows, equally"
+        )
+    signature = [
+        (((padded_rows, *t.shape[1:]) if i in rows else tuple(t.shape)), t.dtype)
+        for i, t in enumerate(tensors)
+    ]
+    plan = npu.plan(kernel, signature, consts)
+    if kernel._fast_numerics:
+        numerics = npu.numerics if npu.dtype == "bf16" else "fp32"
+        results = kernel.fast(*arrays, numerics=numerics, **consts)
+    else:
+        results = kernel.fast(*arrays, **consts)
+    results = list(results) if isinstance(results, (tuple, list)) else [results]
+    outputs = []
+    for r, (name, shape, dtype) in zip(results, plan.outputs):
+        r = np.asarray(r)
+        if r.shape != (valid, *shape[1:]):
+            raise KernelError(
+                f"kernel {kernel.name!r}: fast output {name!r} of {valid} valid rows has shape {r.shape}, "
+                f"the padded chunk's is {shape}"
+            )
+        outputs.append(store_value(r, dtype, npu.numerics).astype(DTYPES[dtype][1], copy=False))
+    return (outputs[0] if len(outputs) == 1 else tuple(outputs)), plan.report
+
+
+class HostDecode:
+    """The decode step without the emulator's per-kernel run path, the same numbers and cycles.
+
+    ``NPU.run`` costs ~50 us of Python per kernel call (signature, plan lookup, DRAM copies of
+    the inputs, output checks): about 13 ms of a 270M decode step's ~250 calls. The reports a
+    step adds depend only on its static shapes, and those only on the attention lengths (whole
+    KV tiles of each layer's cache), so the first step at each length runs the per-kernel path
+    (``Gemma3OnNPU.decode``) and its reports are kept; later steps at that length call the
+    kernels' ``fast`` functions directly, rounding every kernel's inputs and outputs as the
+    device stores them (bf16 numerics: to bfloat16), and add the kept reports. The tokens,
+    logits and cycle reports are those of the per-kernel path, bit for bit."""
+
+    def __init__(self, runtime):
+        self.rt = runtime
+        self.steps: dict[tuple, list[CycleReport]] = {}  # (batch shape, attention lengths) -> reports
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        rt = self.rt
+        pos = rt.positions.copy()
+        if (pos >= rt.max_seq_len).any():
+            raise ValueError(f"a sequence reached max_seq_len {rt.max_seq_len}")
+        lengths = tuple(self._length(i, pos) for i in range(rt.c.num_hidden_layers))
+        key = (np.shape(tokens), lengths)  # the batch's rows too: every kernel's shape follows them
+        kept = self.steps.get(key)
+        cost = rt.cost["decode"]
+        if kept is None:  # the per-kernel path, once per attention length: its reports are kept
+            first = len(cost.reports)
+            rt.host_decode = None
+            try:
+                logits = rt.decode(tokens)
+            finally:
+                rt.host_decode = self
+            self.steps[key] = cost.reports[first:]
+            return logits
+        logits = self._step(np.asarray(tokens), pos, lengths)
+        cost.reports.extend(kept)
+        rt.npu.last_report = kept[-1]
+        rt.positions += 1
+        return logits
+
+    def _length(self, i: int, pos: np.ndarray) -> int:
+        """Cache slots the decode attention of layer ``i`` reads: whole KV tiles (as decode)."""
+        rt = self.rt
+        slots = rt.caches[i][0].shape[2]
+        reach = int(min(pos.max() + 1, slots))
+        return min(slots, -(-reach // rt.kv_tile) * rt.kv_tile)
+
+    def _step(self, tokens, pos, lengths):
+        rt, c = self.rt, self.rt.c
+        w = {name: t.numpy() for name, t in rt.weights.items()}
+        bf16 = rt.npu.numerics == "bf16" and rt.npu.dtype == "bf16"
+        numerics = "bf16" if bf16 else "fp32"
+
+        def stored(x):  # what a bf16 DRAM tensor holds: kernel inputs copied in, and outputs
+            return round_bf16(x) if bf16 else np.asarray(x, np.float32)
+
+        eps = c.rms_norm_eps
+        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b = tokens.shape[0]
+        x = stored(embedding.fast(tokens.astype(np.int32), w["embed"], scale=c.embed_scale))
+        p32 = pos.astype(np.int32)
+        for i in range(c.num_hidden_layers):
+            kind = c.layer_types[i]
+            h = stored(rmsnorm.fast(stored(x), w[f"{i}.input_layernorm"], eps=eps))
+            qkv = stored(matmul.fast(h, w[f"{i}.qkv"]))  # (B, (Hq + 2 Hkv) * hd)
+            q = stored(rmsnorm.fast(qkv[:, : hq * hd].reshape(b, hq, hd), w[f"{i}.q_norm"], eps=eps))
+            k = stored(
+                rmsnorm.fast(qkv[:, hq * hd : (hq + hkv) * hd].reshape(b, hkv, hd), w[f"{i}.k_norm"], eps=eps)
+            )
+            v = np.ascontiguousarray(qkv[:, (hq + hkv) * hd :].reshape(b, hkv, hd))
+            q = stored(rope.fast(q, w[f"cos_{kind}"], w[f"sin_{kind}"], p32))
+            k = stored(rope.fast(k, w[f"cos_{kind}"], w[f"sin_{kind}"], p32))
+            k_cache, v_cache = (t.numpy() for t in rt.caches[i])
+            slots = k_cache.shape[2]
+            where = pos % slots if rt.ring(i) else pos  # (B,)
+            rows = ((np.arange(b)[:, None] * hkv + np.arange(hkv)[None, :]) * slots + where[:, None]).astype(
+                np.int32
+            )[:, None, :]  # (B, 1, Hkv)
+            kv_cache_write.fast(k_cache, k[:, None], rows)
+            kv_cache_write.fast(v_cache, v[:, None], rows)
+            mask = rt.decode_mask(i, pos, lengths[i], slots)
+            a = stored(attention_decode.fast(q, k_cache, v_cache, mask, scale=c.attention_scale))
+            o = stored(matmul.fast(a.reshape(b, -1), w[f"{i}.o"]))
+            x = x + stored(rmsnorm.fast(o, w[f"{i}.post_attention_layernorm"], eps=eps))
+            h = stored(rmsnorm.fast(stored(x), w[f"{i}.pre_feedforward_layernorm"], eps=eps))
+            m = stored(geglu_mlp.fast(h, w[f"{i}.gate"], w[f"{i}.up"], w[f"{i}.down"], numerics=numerics))
+            x = x + stored(rmsnorm.fast(m, w[f"{i}.post_feedforward_layernorm"], eps=eps))
+        h = stored(rmsnorm.fast(stored(x), w["norm"], eps=eps))
+        logits, _ = lm_head.fast(h, w["lm_head"], w["vocab_ids"], softcap=c.final_logit_softcapping)
+        return np.asarray(logits, np.float32)  # the LM head's logits are fp32 on the device

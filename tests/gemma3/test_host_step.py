@@ -1,0 +1,111 @@
+"""The host shortcuts of gemma3/host_step.py: the same emulated cycles and the same numbers.
+
+A padded prefill chunk computes only its valid rows in fast mode; its cost stays the padded
+chunk's plans, kernel by kernel, and its logits those of the padded computation, bit for bit.
+"""
+
+import numpy as np
+import pytest
+
+from gemma3 import NPUGemma3ForCausalLM
+from gemma3.host_step import run_valid_rows
+from npu_emulator import NPU, KernelError
+from npu_kernels.matmul import matmul
+from npu_kernels.mlp import geglu_mlp
+from tests.gemma3.oracle import tiny_model
+
+RBLN = dict(rbln_npu="tiny", rbln_prefill_chunk_size=64, rbln_max_seq_len=160)
+
+
+def run(model, ids, valid_rows_only, new=4):
+    model.runtime.valid_rows_only = valid_rows_only
+    out = model.generate(
+        ids, max_new_tokens=new, eos_token_id=[], return_dict_in_generate=True, output_logits=True
+    )
+    reports = {p: [(r.name, r.cycles) for r in c.reports] for p, c in model.runtime.cost.items()}
+    return out, reports
+
+
+@pytest.mark.parametrize("numerics", ["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "lengths", [[5], [70], [37, 12]]
+)  # one short chunk, a full one and a short one, a batch
+def test_valid_rows_cost_the_padded_chunk_and_give_its_logits(tmp_path, numerics, lengths):
+    tiny_model(tmp_path, sliding_window=16)
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), np.int64)
+    mask = np.zeros_like(ids)
+    rng = np.random.default_rng(0)
+    for b, n in enumerate(lengths):
+        ids[b, width - n :] = rng.integers(3, 300, size=n)
+        mask[b, width - n :] = 1
+    model = NPUGemma3ForCausalLM.from_pretrained(
+        tmp_path, **RBLN, rbln_numerics=numerics, rbln_batch_size=len(lengths)
+    )
+    padded, padded_reports = run(model, ids, valid_rows_only=False)
+    valid, valid_reports = run(model, ids, valid_rows_only=True)
+    assert valid_reports == padded_reports
+    np.testing.assert_array_equal(valid.sequences, padded.sequences)
+    for ours, theirs in zip(valid.logits, padded.logits):
+        np.testing.assert_array_equal(ours, theirs)  # each row on its own, in a fixed order (hostmath)
+
+
+def test_valid_rows_are_costed_as_the_padded_chunk():
+    npu = NPU("tiny")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 24), dtype=np.float32)
+    w = [rng.standard_normal(s, dtype=np.float32) for s in ((24, 40), (24, 40), (40, 24))]
+    full, report = npu.run(geglu_mlp, x, *w)
+    part, part_report = run_valid_rows(npu, geglu_mlp, [x[:7], *w], {}, padded_rows=32)
+    assert part_report is report  # the padded chunk's plan, not a 7-row one
+    np.testing.assert_array_equal(part, full[:7])
+
+
+def test_valid_rows_refuse_mismatched_rows_and_tile_mode():
+    x = np.ones((40, 8), np.float32)
+    w = np.ones((8, 8), np.float32)
+    with pytest.raises(KernelError, match=r"matmul: chunk-row inputs \(40, 8\) must all have <= 32 rows"):
+        run_valid_rows(NPU("tiny"), matmul, [x, w], {}, padded_rows=32)
+    with pytest.raises(KernelError, match="valid rows only are a fast-mode shortcut"):
+        run_valid_rows(NPU("tiny", mode="tile"), matmul, [x[:4], w], {}, padded_rows=32)
+    from npu_kernels.softmax import softmax
+
+    with pytest.raises(NotImplementedError, match="running only the valid rows of kernel 'softmax'"):
+        run_valid_rows(NPU("tiny"), softmax, [x[:4]], {}, padded_rows=32)
+
+
+@pytest.mark.parametrize("numerics", ["bf16", "fp32"])
+def test_host_decode_gives_the_per_kernel_path_s_reports_and_logits(tmp_path, numerics):
+    """Past a KV tile and past the sliding window's ring, a batch of two left-padded prompts."""
+    tiny_model(tmp_path, sliding_window=16)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 300, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN, rbln_numerics=numerics, rbln_batch_size=2)
+    runs = []
+    for host_decode in (None, model.runtime.host_decode):
+        model.runtime.host_decode = host_decode
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=40,
+            eos_token_id=[],
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        runs.append((out, [(r.name, r.cycles) for r in model.runtime.cost["decode"].reports]))
+    (per_kernel, per_kernel_reports), (host, host_reports) = runs
+    assert host_reports == per_kernel_reports
+    assert len(model.runtime.host_decode.steps) > 1  # several attention lengths were kept
+    np.testing.assert_array_equal(host.sequences, per_kernel.sequences)
+    for ours, theirs in zip(host.logits, per_kernel.logits):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_host_decode_refuses_a_full_cache(tmp_path):
+    tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    model.runtime.positions[:] = model.runtime.max_seq_len
+    with pytest.raises(ValueError, match="a sequence reached max_seq_len 160"):
+        model.runtime.decode(np.zeros(1, np.int64))
