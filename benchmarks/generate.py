@@ -90,7 +90,7 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
 
 def streamed_bytes(model) -> int:
     """Bytes of the matrices a decode step streams, as the host holds them."""
-    from gemma3.model import is_matrix
+    from gemma3.runtime import is_matrix
 
     return sum(t.numpy().nbytes for name, t in model.runtime.weights.items() if is_matrix(name))
 

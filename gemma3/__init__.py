@@ -10,8 +10,8 @@ from gemma3 import RBLNAutoModelForImageTextToText       # the class picked from
 """
 
 from .auto import RBLNAutoConfig, RBLNAutoModelForCausalLM, RBLNAutoModelForImageTextToText
+from .facade import NPUGemma3ForCausalLM, RBLNGemma3ForCausalLM
 from .lora import RBLNLoRAAdapterConfig, RBLNLoRAConfig
-from .modeling import NPUGemma3ForCausalLM, RBLNGemma3ForCausalLM
 from .multimodal import NPUGemma3ForConditionalGeneration, RBLNGemma3ForConditionalGeneration
 from .processor import Gemma3Processor
 from .rbln_config import (

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from .facade import NPUGemma3ForCausalLM
 from .hf_compat import resolve_model_dir
-from .modeling import NPUGemma3ForCausalLM
 from .multimodal import NPUGemma3ForConditionalGeneration
 from .rbln_config import (
     CONFIG_NAME,

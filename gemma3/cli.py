@@ -145,7 +145,7 @@ def generate(args) -> int:
         return generate_with_images(args)
     from npu_emulator.trace import write_sequence_trace
 
-    from .modeling import NPUGemma3ForCausalLM, is_compiled
+    from .facade import NPUGemma3ForCausalLM, is_compiled
 
     kwargs = {}
     if args.npu:
@@ -240,7 +240,7 @@ def generate_with_images(args) -> int:
     """``generate --image PATH ...``: an image+text model, the prompt through its processor."""
     from npu_emulator.trace import write_sequence_trace
 
-    from .modeling import is_compiled
+    from .facade import is_compiled
     from .multimodal import NPUGemma3ForConditionalGeneration
     from .processor import Gemma3Processor
 

@@ -85,7 +85,7 @@ def compiled_default_dir(
     directory holds the device weights as the chip stores them (bf16) and the plans: loading it
     traces nothing."""
     from .config import Gemma3TextConfig
-    from .modeling import NPUGemma3ForCausalLM, is_compiled
+    from .facade import NPUGemma3ForCausalLM, is_compiled
 
     cache = cache or cache_dir()
     source = default_model_dir(cache, log)  # at once when converted

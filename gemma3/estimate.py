@@ -7,7 +7,7 @@
     python -m gemma3 estimate --config CONFIG.json --npu PRESET [--batch B] [--prompt-tokens P]
         [--new-tokens N] [--chunk C] [--max-seq-len L] [--weights-dtype bf16|fp32] [--tp N] [--json]
 
-The kernels are the ones ``Gemma3OnNPU`` runs (gemma3/model.py), at the signatures and
+The kernels are the ones ``Gemma3OnNPU`` runs (gemma3/runtime.py), at the signatures and
 constants it passes them, planned with ``NPU.plan`` as compiling does (a test holds the two
 equal on a compiled tiny model):
 

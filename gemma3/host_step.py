@@ -13,7 +13,7 @@
   functions called directly, the reports of the per-kernel path's step at the same attention
   lengths added; tokens, logits and reports bit for bit those of the per-kernel path.
 
-The model's hooks (``gemma3/model.py``): ``Gemma3OnNPU.valid_rows_only`` (class switch),
+The model's hooks (``gemma3/runtime.py``): ``Gemma3OnNPU.valid_rows_only`` (class switch),
 ``padded_rows`` (set while a chunk runs its valid rows) and ``host_decode`` (None: per kernel).
 """
 

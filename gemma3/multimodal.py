@@ -10,7 +10,7 @@
     print(model.last_report.table())   # image encoding, image prefill, text prefill, decode
 
 One chip holds both parts: the SigLIP tower and projector (``gemma3/vision.py``) and the
-language model (``gemma3/model.py``). ``generate`` encodes every image of the batch (one at a
+language model (``gemma3/runtime.py``). ``generate`` encodes every image of the batch (one at a
 time), then prefills each sequence: text in chunks of ``prefill_chunk_size``, each image's run of
 ``mm_tokens_per_image`` soft tokens as one chunk of its projected features, those tokens seeing
 each other both ways. Which tokens are an image's is read from ``input_ids`` (runs of the image
@@ -18,7 +18,7 @@ token); ``token_type_ids``, when given, must mark exactly those tokens. (transfo
 ``token_type_ids``, keeps image tokens causal; the model is defined with the bidirectional
 image attention, so it is applied whenever there are images.)
 
-Compiled directory: as the text model's (``gemma3/modeling.py``), with the vision weights in the
+Compiled directory: as the text model's (``gemma3/facade.py``), with the vision weights in the
 same ``compiled/weights.safetensors`` under ``vision.`` and the processor's files copied along.
 """
 
@@ -34,9 +34,7 @@ import numpy as np
 from npu_emulator import CycleReport
 
 from .config import Gemma3TextConfig, read_json
-from .lora import lora_device_weights
-from .model import IMAGE_PREFILL, Gemma3OnNPU
-from .modeling import (
+from .facade import (
     GRAPH_FIELDS,
     GenerationReport,
     NPUGemma3PreTrainedModel,
@@ -44,7 +42,9 @@ from .modeling import (
     generation_config_of,
     load_tokenizer,
 )
+from .lora import lora_device_weights
 from .rbln_config import NPUGemma3ForConditionalGenerationConfig
+from .runtime import IMAGE_PREFILL, Gemma3OnNPU
 from .vision import Gemma3VisionSpec, VisionTowerOnNPU, load_vision_weights
 from .weights import Checkpoint, text_weights
 

@@ -27,7 +27,7 @@ its fused bias; out_proj), ``attention_prefill`` (the whole patch sequence as on
 with an empty cache and one image block ``[0, P)``: every patch sees every patch, scale
 hd^-0.5, MHA), ``siglip_mlp`` (fc1 + bias, gelu_tanh, fc2 + bias) and ``mm_projector``
 (average pool, Gemma RMSNorm, projection). The residual adds happen on the host between kernels,
-as in ``gemma3/model.py``. Images go one at a time: the shapes are static per image, as on the
+as in ``gemma3/runtime.py``. Images go one at a time: the shapes are static per image, as on the
 real NPU, whatever the batch.
 
 Checkpoint names (``expected_vision_shapes``): the tower's tensors under ``vision_tower.`` and
@@ -67,7 +67,7 @@ from npu_kernels.norms import layernorm
 from npu_kernels.vision import mm_projector, patch_embed
 
 from .config import GELU_TANH
-from .model import PhaseCost
+from .runtime import PhaseCost
 from .weights import check_tensors, shape_mismatch
 
 # ============================================================================ configuration

@@ -13,7 +13,7 @@ window, ring slots not yet written). out (B, Hq, hd) in q's dtype. q, k_cache an
 one float dtype (the device dtype, bf16). Compile-time constant: scale.
 
 Any window W works with whole tiles: the ring holds S = ceil(W / tile) * tile slots (the model
-rounds W up, gemma3/model.py), so its slots past the window hold the S - W positions just
+rounds W up, gemma3/runtime.py), so its slots past the window hold the S - W positions just
 before it, which the mask hides. Once the ring has wrapped a step reads all S slots, W plus
 at most tile - 1 masked ones, as whole tiles: the bytes the hardware would move.
 

@@ -10,7 +10,7 @@ import pytest
 
 from gemma3 import NPUGemma3ForCausalLM, modeling
 from gemma3 import atomic as atomic_module
-from gemma3.modeling import MANIFEST
+from gemma3.facade import MANIFEST
 from tests.gemma3.oracle import tiny_model
 
 pytest.importorskip("torch", reason="the oracle extra is not installed")

@@ -45,16 +45,16 @@ from .hf_compat import (
     resolve_model_dir,
 )
 from .lora import adapter_ids, lora_device_weights
-from .model import Gemma3OnNPU
 from .plans import PLANS, load_plans, save_plans
 from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, given_fields, normalize
+from .runtime import Gemma3OnNPU
 from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
 COMPILED = "compiled"
 # Language-model fields that choose which graphs are compiled and what they take and return.
 GRAPH_FIELDS = ("decoder_batch_sizes", "phases", "use_inputs_embeds", "output_hidden_states")
-# The decode attention kernel and its plans (flash_attn: partitioned, model.py).
+# The decode attention kernel and its plans (flash_attn: partitioned, runtime.py).
 ATTENTION_FIELDS = ("attn_impl", "kvcache_partition_len", "kvcache_block_size", "relax_flash_attn_limits")
 WEIGHTS = "weights.safetensors"
 MANIFEST = "npu_gemma3_manifest.json"  # what save_pretrained wrote (see save_pretrained)

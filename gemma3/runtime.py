@@ -1,4 +1,5 @@
-"""Gemma3 text model on the emulated NPU: every layer a kernel from the library.
+"""Gemma3OnNPU: the Gemma3 text model on the emulated NPU, the runtime the facade drives
+(``gemma3/facade.py``): every layer a kernel from the library.
 
 Compiled state (``CompiledGemma3``): weights in device layout in the NPU's DRAM (projections
 pre-transposed to (in, out); q, k and v fused into one (hidden, (Hq + 2 Hkv) * head_dim)
