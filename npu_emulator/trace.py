@@ -28,33 +28,35 @@ def trace_events(report) -> list[dict]:
         events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": uname}})
     for i in range(len(stream)):
         u = int(stream.unit[i])
-        end = float(sched.end[i])
-        if stream.is_dma[i]:
-            pid, tid = dma_pid, u - stream.first_dma_unit
-            begin = float(sched.data_start[i])
-            args = {
-                "bytes": int(stream.nbytes[i]),
-                "issued_cycle": float(sched.start[i]),
-                "latency_cycles": float(stream.dur[i]),
-                "cycles": end - begin,
-            }
-        else:
-            pid, tid = divmod(u, 3)
-            begin = float(sched.start[i])
-            args = {"cycles": end - begin}
-        events.append(
-            {
-                "name": stream.labels[i],
-                "cat": stream.ops[i],
-                "ph": "X",
-                "pid": pid,
-                "tid": tid,
-                "ts": begin * us,
-                "dur": (end - begin) * us,
-                "args": args,
-            }
-        )
+        pid, tid = (dma_pid, u - stream.first_dma_unit) if stream.is_dma[i] else divmod(u, 3)
+        events.append(_slice(stream, sched, i, pid, tid, us, bool(stream.is_dma[i])))
     return events
+
+
+def _slice(stream, sched, i: int, pid: int, tid: int, us: float, dma: bool) -> dict:
+    """Instruction ``i``'s slice on track (pid, tid): a DMA spans the cycles its bytes move."""
+    end = float(sched.end[i])
+    if dma:
+        begin = float(sched.data_start[i])
+        args = {
+            "bytes": int(stream.nbytes[i]),
+            "issued_cycle": float(sched.start[i]),
+            "latency_cycles": float(stream.dur[i]),
+            "cycles": end - begin,
+        }
+    else:
+        begin = float(sched.start[i])
+        args = {"cycles": end - begin}
+    return {
+        "name": stream.labels[i],
+        "cat": stream.ops[i],
+        "ph": "X",
+        "pid": pid,
+        "tid": tid,
+        "ts": begin * us,
+        "dur": (end - begin) * us,
+        "args": args,
+    }
 
 
 def write_trace(path, report) -> str:
@@ -159,31 +161,7 @@ def group_trace_events(report) -> list[dict]:
         events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": uname}})
     for i in range(len(stream)):
         u = int(stream.unit[i])
-        pid, tid = place(u)
-        end = float(sched.end[i])
-        if stream.unit_is_dma[u]:
-            begin = float(sched.data_start[i])
-            args = {
-                "bytes": int(stream.nbytes[i]),
-                "issued_cycle": float(sched.start[i]),
-                "latency_cycles": float(stream.dur[i]),
-                "cycles": end - begin,
-            }
-        else:
-            begin = float(sched.start[i])
-            args = {"cycles": end - begin}
-        events.append(
-            {
-                "name": stream.labels[i],
-                "cat": stream.ops[i],
-                "ph": "X",
-                "pid": pid,
-                "tid": tid,
-                "ts": begin * us,
-                "dur": (end - begin) * us,
-                "args": args,
-            }
-        )
+        events.append(_slice(stream, sched, i, *place(u), us, bool(stream.unit_is_dma[u])))
     return events
 
 

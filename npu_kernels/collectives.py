@@ -47,21 +47,9 @@ import numpy as np
 from npu_emulator import GroupKernel, KernelError, as_stored
 from npu_emulator.memory import itemsize
 
-from .common import queues
+from .common import chunks, queues
 
 ALGORITHMS = ("ring", "tree")
-
-
-def chunks(total: int, parts: int) -> list[tuple[int, int]]:
-    """``total`` elements in ``parts`` near-equal (start, length) chunks in order, the first
-    ``total % parts`` one longer; some empty when ``total < parts``."""
-    base, extra = divmod(total, parts)
-    out, start = [], 0
-    for p in range(parts):
-        n = base + (p < extra)
-        out.append((start, n))
-        start += n
-    return out
 
 
 def _flat(buf):

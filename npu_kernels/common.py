@@ -21,9 +21,9 @@ from npu_emulator.memory import itemsize
 from npu_emulator.program import tiles
 
 
-def split(total: int, parts: int) -> list[tuple[int, int]]:
-    """``total`` items in at most ``parts`` near-equal (start, length) blocks, none empty."""
-    parts = max(1, min(parts, total))
+def chunks(total: int, parts: int) -> list[tuple[int, int]]:
+    """``total`` elements in ``parts`` near-equal (start, length) chunks in order, the first
+    ``total % parts`` one longer; some empty when ``total < parts``."""
     base, extra = divmod(total, parts)
     out, start = [], 0
     for p in range(parts):
@@ -31,6 +31,11 @@ def split(total: int, parts: int) -> list[tuple[int, int]]:
         out.append((start, n))
         start += n
     return out
+
+
+def split(total: int, parts: int) -> list[tuple[int, int]]:
+    """``total`` items in at most ``parts`` near-equal (start, length) blocks, none empty."""
+    return chunks(total, max(1, min(parts, total)))
 
 
 def queues(cfg, engine: int) -> tuple[int, int]:

@@ -14,24 +14,12 @@ from npu_kernels.collectives import all_gather, all_reduce
 from npu_kernels.lm_head import lm_head
 from npu_kernels.matmul import matmul
 from npu_kernels.mlp import geglu_mlp
+from tests.gemma3.test_estimate import qwen3 as qwen3_config
 
 
 def qwen3(path, **overrides):
-    d = dict(
-        model_type="qwen3",
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-    )
-    d.update(overrides)
-    path.write_text(json.dumps(d))
+    """A tiny Qwen3-style config.json (test_estimate's) at ``path``."""
+    path.write_text(json.dumps(qwen3_config(**overrides)))
     return path
 
 
