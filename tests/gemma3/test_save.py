@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from gemma3 import NPUGemma3ForCausalLM, modeling
+from gemma3 import NPUGemma3ForCausalLM, facade
 from gemma3 import atomic as atomic_module
 from gemma3.facade import MANIFEST
 from tests.gemma3.oracle import tiny_model
@@ -129,7 +129,7 @@ def test_a_failed_first_save_leaves_no_directory(models, tmp_path, monkeypatch):
     def fail(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(modeling, "save_plans", fail)
+    monkeypatch.setattr(facade, "save_plans", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         models[1]["a"][0].save_pretrained(tmp_path / "x" / "y")
     assert os.listdir(tmp_path) == []
@@ -148,9 +148,9 @@ def test_an_error_while_staging_leaves_the_earlier_save(models, tmp_path, monkey
                 f.write(b"\x00" * 100)  # half-written, as a writer cut off would leave it
             raise OSError("disk full")
 
-        monkeypatch.setattr(modeling, "write_safetensors", half_then_fail)
+        monkeypatch.setattr(facade, "write_safetensors", half_then_fail)
     else:
-        monkeypatch.setattr(modeling, "save_plans", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+        monkeypatch.setattr(facade, "save_plans", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         out["b"][0].save_pretrained(target)
     assert snapshot(target) == before
