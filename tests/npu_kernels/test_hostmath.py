@@ -37,8 +37,9 @@ def held(w, dtype, layout):
     return hostmath.column_major(w) if layout == "column" else np.ascontiguousarray(w)
 
 
-@settings(max_examples=60, deadline=None)
-@given(
+# Products of every size up to 300, on weights held as the model holds them (fp32 or bf16, rows
+# or columns contiguous).
+matmul_cases = given(
     m=ROWS,
     k=sizes(max_value=300),
     n=sizes(max_value=300),
@@ -46,6 +47,10 @@ def held(w, dtype, layout):
     layout=st.sampled_from(["row", "column"]),
     seed=seeds,
 )
+
+
+@settings(max_examples=60, deadline=None)
+@matmul_cases
 def test_matmul_matches_float64_on_the_values_held(m, k, n, dtype, layout, seed):
     a = arrays((m, k), seed)
     w = held(arrays((k, n), seed + 1), dtype, layout)
@@ -56,14 +61,7 @@ def test_matmul_matches_float64_on_the_values_held(m, k, n, dtype, layout, seed)
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    m=ROWS,
-    k=sizes(max_value=300),
-    n=sizes(max_value=300),
-    dtype=st.sampled_from([np.float32, BF16]),
-    layout=st.sampled_from(["row", "column"]),
-    seed=seeds,
-)
+@matmul_cases
 def test_matmul_sums_in_the_documented_order(m, k, n, dtype, layout, seed):
     a = arrays((m, k), seed)
     w = held(arrays((k, n), seed + 1), dtype, layout)
