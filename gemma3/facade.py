@@ -48,6 +48,7 @@ from .lora import adapter_ids, lora_device_weights
 from .plans import PLANS, load_plans, save_plans
 from .rbln_config import CONFIG_NAME, NPUGemma3ForCausalLMConfig, NPUModelConfig, given_fields, normalize
 from .runtime import Gemma3OnNPU
+from .tensor_parallel import build_runtime
 from .tokenizer import Gemma3Tokenizer, TokenizerError
 from .weights import Checkpoint, SafetensorsFile, text_weights, write_safetensors
 
@@ -677,7 +678,7 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
         self.model_config = config
         self.rbln_config = rbln_config
         self.generation_config = generation_config_of(generation_config)
-        self.runtime = Gemma3OnNPU(config, rbln_config, device_weights)
+        self.runtime = build_runtime(config, rbln_config, device_weights)
         self.max_seq_len = self.runtime.max_seq_len
         self.tokenizer = load_tokenizer(directory)
         self.last_report: GenerationReport | None = None

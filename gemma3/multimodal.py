@@ -45,6 +45,7 @@ from .facade import (
 from .lora import lora_device_weights
 from .rbln_config import NPUGemma3ForConditionalGenerationConfig
 from .runtime import IMAGE_PREFILL, Gemma3OnNPU
+from .tensor_parallel import build_runtime
 from .vision import Gemma3VisionSpec, VisionTowerOnNPU, load_vision_weights
 from .weights import Checkpoint, text_weights
 
@@ -171,7 +172,7 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         self.model_config = config
         self.rbln_config = _resolve(config, rbln_config)
         self.generation_config = generation_config_of(generation_config)
-        self.runtime = Gemma3OnNPU(config.text, self.rbln_config.language_model, text_weights)
+        self.runtime = build_runtime(config.text, self.rbln_config.language_model, text_weights)
         self.runtime.check_image_chunk()
         self.vision = VisionTowerOnNPU(config.vision, self.runtime.npu, vision_weights)
         self.max_seq_len = self.runtime.max_seq_len

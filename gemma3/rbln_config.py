@@ -16,7 +16,8 @@ is entered, and passed down from there.
 Fields that only steer Optimum RBLN's runtime on real devices (``create_runtimes``, ``device``,
 ``device_map``, ``activate_profiler``, ``timeout``, ``optimize_host_memory``) are checked,
 stored and saved, and change nothing here. ``tensor_parallel_size`` / ``num_devices`` above 1
-are accepted by the config and refused when compiling (issue 13). ``lora_config`` (a dict or an
+split the language model over that many emulated devices (``gemma3/tensor_parallel.py``;
+``backend`` says where they run). ``lora_config`` (a dict or an
 ``RBLNLoRAConfig``, gemma3/lora.py) becomes an ``RBLNLoRAConfig``, saved as its dict.
 
 The image+text model's config (``NPUGemma3ForConditionalGenerationConfig``) holds two
@@ -139,8 +140,9 @@ class NPUModelConfig:
     npu: str | NPUConfig = "atom"  # chip: a preset name, an Optimum RBLN name (RBLN-CA25), an NPUConfig
     mode: str = "fast"  # "fast" (whole-operator math, cached schedules) or "tile" (every instruction)
     numerics: str = "bf16"  # "bf16" (device rounding) or "fp32" (reference numerics)
-    tensor_parallel_size: int | None = None  # devices a layer is split over; above 1 is issue 13
+    tensor_parallel_size: int | None = None  # devices every layer is split over (gemma3/tensor_parallel.py)
     num_devices: int | None = None  # Optimum RBLN's newer name for tensor_parallel_size
+    backend: str | None = None  # ours: where the devices run, "local" (default) or "ray" (one actor each)
     # Runtime options of real devices: checked, stored and saved; nothing here depends on them.
     create_runtimes: bool | None = None  # make device runtimes at load (the emulator always runs)
     device: int | list[int] | None = None  # device id(s) to load onto (one emulated device: 0)
@@ -165,6 +167,8 @@ class NPUModelConfig:
             raise ValueError(f"numerics must be 'bf16' or 'fp32', got {self.numerics!r}")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         _positive_int("num_devices", self.num_devices)
+        if self.backend is not None and self.backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if self.tensor_parallel_size and self.num_devices and self.tensor_parallel_size != self.num_devices:
             raise ValueError(
                 f"tensor_parallel_size {self.tensor_parallel_size} and num_devices {self.num_devices} "
@@ -196,13 +200,7 @@ class NPUModelConfig:
         return self.tensor_parallel_size or self.num_devices or 1
 
     def check_compilable(self, where: str = "") -> None:
-        """Refuse, at compile, what the config accepts but the emulator cannot build yet."""
-        if self.devices > 1:
-            name = "tensor_parallel_size" if self.tensor_parallel_size else "num_devices"
-            raise NotImplementedError(
-                f"{where}{name} {self.devices}: tensor parallelism over several emulated devices "
-                "(issue 13) is not built yet; compile with 1"
-            )
+        """Refuse, at compile, what the config accepts but the emulator cannot build."""
 
     @classmethod
     def from_any(cls, value=None, **overrides):
@@ -508,6 +506,18 @@ class NPUGemma3ForCausalLMConfig(NPUModelConfig):
         fields (Gemma3's cache is hybrid, its window and sliding layers those of config.json),
         and the paged cache's size."""
         self.check_compilable(where)
+        if self.devices > 1:
+            from .tensor_parallel import plan_shards
+
+            if self.lora_config is not None:
+                raise NotImplementedError(
+                    f"{where}lora_config with tensor_parallel_size {self.devices}: LoRA on sharded "
+                    "projections is not built; compile LoRA models for 1 device"
+                )
+            try:
+                plan_shards(text, self.devices)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
         _, _, block = self.attention(max_seq_len)
         sliding = [i for i in range(text.num_hidden_layers) if text.is_sliding(i)]
         if self.sliding_window is not None and self.sliding_window != text.sliding_window:
@@ -589,6 +599,7 @@ class NPUSiglipVisionModelConfig(NPUModelConfig):
 
 # Fields the image+text config holds for the whole model and hands down to its sub-configs.
 CHIP_FIELDS = ("npu", "mode", "numerics")
+DEVICE_FIELDS = ("tensor_parallel_size", "num_devices", "backend")  # the language model's
 
 
 def _npu_key(value):
@@ -661,6 +672,17 @@ class NPUGemma3ForConditionalGenerationConfig(NPUModelConfig):
             setattr(self, name, top if top is not None else NPUModelConfig.__dataclass_fields__[name].default)
         super().__post_init__()
         chip = {name: getattr(self, name) for name in CHIP_FIELDS}
+        # The devices: the language model is split over them (set here, handed down, as Optimum
+        # RBLN's submodule configs inherit tensor_parallel_size); the vision tower runs on one,
+        # as there (SigLIP has no tensor-parallel support: the field is dropped for it).
+        for name in DEVICE_FIELDS:
+            if getattr(self, name) is not None and name not in lm:
+                lm = {**lm, name: getattr(self, name)}
+        if any((vt.get(name) or 1) > 1 for name in ("tensor_parallel_size", "num_devices")):
+            logger.warning(
+                "vision_tower: tensor_parallel_size is dropped; the vision tower runs on one device"
+            )
+        vt = {k: v for k, v in vt.items() if k not in ("tensor_parallel_size", "num_devices")}
         for sub, d in (("vision_tower", vt), ("language_model", {**lm, "batch_size": self.batch_size})):
             try:
                 setattr(self, sub, self.SUBMODULES[sub].create({**d, **chip}))

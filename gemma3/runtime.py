@@ -34,6 +34,7 @@ Chunks holding an image cost under the phase "image prefill", text chunks under 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -67,15 +68,50 @@ def is_matrix(name: str) -> bool:
     return name == "lm_head" or name.rsplit(".", 1)[-1] in ("qkv", "o", "gate", "up", "down")
 
 
+MEMORY_UNITS = ("dram", "shared_sram", "host_link")
+
+
+def memory_bound(report: CycleReport) -> bool:
+    """Whether a kernel's binding unit is the memory system (DRAM, SRAM, a DMA queue)."""
+    unit = report.binding_unit
+    return unit in MEMORY_UNITS or unit.startswith("dma.")
+
+
 class PhaseCost:
     """Collects the reports of the kernels one phase (prefill or decode) ran."""
 
     def __init__(self):
         self.reports: list[CycleReport] = []
         self.seconds = 0.0  # host time spent in the phase, where the runner measures it
+        self.collectives: list[CycleReport] = []  # of ``reports``: the collectives (tensor parallel)
 
     def add(self, report: CycleReport):
         self.reports.append(report)
+
+    def add_collective(self, report) -> None:
+        """A collective's ``GroupReport``: its cycles on the group's critical path, as the
+        report of one device over the collective's span."""
+        r = dataclasses.replace(
+            report.devices[0], name=report.name, cycles=report.cycles, schedule=None, stream=None
+        )
+        self.reports.append(r)
+        self.collectives.append(r)
+
+    def clear(self) -> None:
+        self.reports.clear()
+        self.collectives.clear()
+        self.seconds = 0.0
+
+    def split(self) -> dict[str, float]:
+        """Shares (0-1) of the phase's cycles: kernels bound by a compute unit, by the memory
+        system (DRAM, SRAM, a DMA queue), and the collectives over the links."""
+        comm = {id(r) for r in self.collectives}
+        cycles = {"compute": 0, "memory": 0, "communication": 0}
+        for r in self.reports:
+            kind = "communication" if id(r) in comm else "memory" if memory_bound(r) else "compute"
+            cycles[kind] += r.cycles
+        total = max(sum(cycles.values()), 1)
+        return {k: v / total for k, v in cycles.items()}
 
     def total(self, name: str) -> CycleReport | None:
         return CycleReport.sequence(name, self.reports) if self.reports else None
@@ -87,12 +123,18 @@ class Gemma3OnNPU:
     valid_rows_only = True  # fast mode: a padded prefill chunk computes its valid rows (host_step)
 
     def __init__(
-        self, config: Gemma3TextConfig, rbln: NPUGemma3ForCausalLMConfig, weights: dict[str, np.ndarray]
+        self,
+        config: Gemma3TextConfig,
+        rbln: NPUGemma3ForCausalLMConfig,
+        weights: dict[str, np.ndarray],
+        device: int | None = None,
     ):
         self.c = config
         self.rbln = rbln
         self.max_seq_len = rbln.max_seq_len or config.max_position_embeddings
         self.npu = NPU(rbln.npu_config, mode=rbln.mode, numerics=rbln.numerics)
+        if device is not None:  # one device of a tensor-parallel group: capacity errors name it
+            self.npu.dram.label = f"DRAM of device {device} of {rbln.devices}"
         # Host copies: matrices column-major and, under bf16 numerics, in bf16 (exact there):
         # decode streams each once per token (see npu_kernels/hostmath.py). Cycles do not change.
         self.aliases = {"lm_head"} if config.tie_word_embeddings else set()
@@ -190,7 +232,14 @@ class Gemma3OnNPU:
         return out
 
     def _layer(self, phase, i, x, positions, attend):
-        """One decoder layer on x (T, hidden); ``attend(q, k, v)`` does the attention."""
+        """One decoder layer on x (T, hidden); ``attend(q, k, v)`` does the attention. In three
+        parts, the seams where a tensor-parallel model all-reduces (gemma3/tensor_parallel.py)."""
+        o = self._attention_block(phase, i, x, positions, attend)
+        x, m = self._mlp_block(phase, i, x, o)
+        return self._residual(phase, i, x, m)
+
+    def _attention_block(self, phase, i, x, positions, attend):
+        """Input norm, q/k/v, their norms and RoPE, the attention and o_proj: o (T, hidden)."""
         c, w, eps = self.c, self.weights, self.c.rms_norm_eps
         t = x.shape[0]
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -211,13 +260,24 @@ class Gemma3OnNPU:
         o = self._run(phase, matmul, a, w[f"{i}.o"])
         if self.lora:
             o = self.lora.add(phase, i, "o", a, o)
+        return o
+
+    def _mlp_block(self, phase, i, x, o):
+        """The attention's output into the residual, then the MLP: (x, m (T, hidden))."""
+        w, eps = self.weights, self.c.rms_norm_eps
         x = x + self._run(phase, rmsnorm, o, w[f"{i}.post_attention_layernorm"], eps=eps)
         h = self._run(phase, rmsnorm, x, w[f"{i}.pre_feedforward_layernorm"], eps=eps)
         if self.lora and self.lora.targets_mlp(i):
             m = self.lora.mlp(phase, i, h)
         else:
             m = self._run(phase, geglu_mlp, h, w[f"{i}.gate"], w[f"{i}.up"], w[f"{i}.down"])
-        return x + self._run(phase, rmsnorm, m, w[f"{i}.post_feedforward_layernorm"], eps=eps)
+        return x, m
+
+    def _residual(self, phase, i, x, m):
+        """The MLP's output into the residual: the layer's output."""
+        return x + self._run(
+            phase, rmsnorm, m, self.weights[f"{i}.post_feedforward_layernorm"], eps=self.c.rms_norm_eps
+        )
 
     def _logits(self, phase, x_last):
         h = self._run(phase, rmsnorm, x_last, self.weights["norm"], eps=self.c.rms_norm_eps)
@@ -252,8 +312,7 @@ class Gemma3OnNPU:
         self.positions[:] = 0
         self.padded_rows = None  # (a prefill that raised mid-chunk left it set)
         for cost in self.cost.values():
-            cost.reports.clear()
-            cost.seconds = 0.0
+            cost.clear()
 
     def prefill(self, b: int, ids: np.ndarray, images=(), embeds=None, hidden_states=None) -> np.ndarray:
         """Prefill sequence ``b`` with ``ids`` (its real tokens); return last-token logits (V,).
@@ -400,6 +459,16 @@ class Gemma3OnNPU:
         x = self._embed("decode", np.asarray(tokens))
         if self.lora:
             self.lora.select(slice(0, n))
+        attend = self._decode_attention(n, pos)
+        for i in range(c.num_hidden_layers):
+            x = self._layer("decode", i, x, pos, attend)
+        self.positions[:n] += 1
+        return self._logits("decode", x)
+
+    def _decode_attention(self, n: int, pos: np.ndarray):
+        """The ``attend(i, q, k, v)`` of a decode step of the first ``n`` sequences at positions
+        ``pos``: the step's keys and values into the cache, then the attention kernel over it."""
+        c = self.c
 
         def attend(i, q, k, v):
             k_cache, v_cache = (self._rows(t, n) for t in self.caches[i])
@@ -412,10 +481,7 @@ class Gemma3OnNPU:
             out = self._run("decode", kernel, q, k_cache, v_cache, mask, scale=c.attention_scale, **consts)
             return out.reshape(q.shape[0], -1)
 
-        for i in range(c.num_hidden_layers):
-            x = self._layer("decode", i, x, pos, attend)
-        self.positions[:n] += 1
-        return self._logits("decode", x)
+        return attend
 
     def decode_mask(self, i: int, pos: np.ndarray, length: int, slots: int) -> np.ndarray:
         """The additive mask (B, length) of layer ``i``'s decode attention over the first
