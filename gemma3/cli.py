@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seq-len", type=int, help="compile for this many positions (default: prompt + new tokens)"
     )
     g.add_argument("--mode", choices=["fast", "tile"], default=None)
+    g.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="split the model over N emulated devices (tensor_parallel_size; default 1)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default=None,
+        help="where the --tp devices run: in this process (default) or one Ray actor each "
+        "(RAY_ADDRESS picks a cluster; needs the ray extra)",
+    )
     g.add_argument("--trace", metavar="OUT.json", help="write the emulated timeline of the whole run")
     g.add_argument(
         "--lora",
@@ -152,6 +165,10 @@ def generate(args) -> int:
         kwargs["rbln_npu"] = args.npu
     if args.mode:
         kwargs["rbln_mode"] = args.mode
+    if args.tp is not None:
+        kwargs["rbln_tensor_parallel_size"] = args.tp
+    if args.backend:
+        kwargs["rbln_backend"] = args.backend
     if args.lora:
         kwargs["rbln_lora_config"] = _lora_config(args.lora)
     t0 = time.perf_counter()

@@ -72,8 +72,11 @@ class GenerationReport:
         new_tokens: int,
         host_prefill_s: float,
         host_decode_s: float,
+        splits: dict | None = None,
     ):
         self.prefill, self.decode = prefill, decode
+        # Tensor parallel: phase -> shares of its cycles in compute, memory and communication.
+        self.splits = splits or {}
         self.prompt_tokens, self.new_tokens = prompt_tokens, new_tokens
         self.host_prefill_s, self.host_decode_s = host_prefill_s, host_decode_s
 
@@ -98,6 +101,12 @@ class GenerationReport:
             rows.append(
                 f"{name:<{w}}{n:>8}{rep.cycles:>18,}{ms:>14.3f}{n / (ms / 1e3) if ms else 0:>16,.1f}{n / host if host else 0:>12,.1f}"
             )
+        if self.splits:
+            rows.append(f"{'phase':<{w}}{'compute':>10}{'memory':>10}{'communication':>15}")
+            for name, split in self.splits.items():
+                rows.append(
+                    f"{name:<{w}}{split['compute']:>10.1%}{split['memory']:>10.1%}{split['communication']:>15.1%}"
+                )
         return "\n".join(rows)
 
 
@@ -473,6 +482,9 @@ class NPUGemma3PreTrainedModel:
                 new_tokens,
                 timer["prefill"],
                 timer["decode"],
+                {p: rt.cost[p].split() for p in ("prefill", "decode") if rt.cost[p].reports}
+                if rt.cost["prefill"].collectives or rt.cost["decode"].collectives
+                else None,
             )
         if not prompt_given:  # transformers: from inputs_embeds alone, only the new tokens come back
             sequences = sequences[:, ids.shape[1] :]

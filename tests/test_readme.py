@@ -19,7 +19,9 @@ def test_readme_first_lines_give_the_two_commands():
     main_cmd = lines[lines.index("Run the main job:") + 2].strip()
     assert 'pip install -e ".[model]"' in main_cmd and "python -m gemma3 generate --prompt" in main_cmd
     test_cmd = lines[lines.index("Run the tests:") + 2].strip()
-    assert test_cmd.endswith("python -m pytest -q") and 'pip install -e ".[test,oracle,model]"' in test_cmd
+    assert (
+        test_cmd.endswith("python -m pytest -q") and 'pip install -e ".[test,oracle,model,ray]"' in test_cmd
+    )
 
 
 def test_example_runs_and_writes_its_trace(tmp_path, monkeypatch, capsys):

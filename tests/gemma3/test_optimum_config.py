@@ -45,6 +45,7 @@ DEFAULTS = dict(
     npu="atom",
     tensor_parallel_size=None,
     num_devices=None,
+    backend=None,
     create_runtimes=None,
     device=None,
     device_map=None,

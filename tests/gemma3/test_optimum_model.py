@@ -55,7 +55,7 @@ def text(tmp_path_factory):
     Auto class with export=False (the inference script)."""
     root = tmp_path_factory.mktemp("text")
     hf = text_checkpoint(root / "ckpt")
-    # The zoo compiles with tensor_parallel_size=8 (issue 13, not built yet): 1 here.
+    # The zoo compiles Gemma 3 4B with tensor_parallel_size=8 (test_zoo_tensor_parallel_flow).
     compiled = RBLNGemma3ForCausalLM.from_pretrained(
         str(root / "ckpt"),
         export=True,
@@ -80,14 +80,25 @@ def test_zoo_text_flow_matches_transformers(text):
     assert tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_tensor_parallel_is_refused_at_compile_naming_issue_13(text):
+def test_zoo_tensor_parallel_flow(text, tmp_path):
+    """The zoo's Gemma 3 4B script sets tensor_parallel_size=8 (its 8 heads); this model has 4."""
+    root, hf = text[0], text[1]
+    compiled = RBLNGemma3ForCausalLM.from_pretrained(
+        str(root / "ckpt"), export=True, rbln_config={"tensor_parallel_size": 4, **TEXT}, **CHIP
+    )
+    compiled.save_pretrained(tmp_path / "tp4")
+    model = RBLNAutoModelForCausalLM.from_pretrained(str(tmp_path / "tp4"), export=False)
+    assert model.runtime.group.num_devices == 4  # compiled for four devices, loaded on four
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    np.testing.assert_array_equal(
+        model.generate(ids, max_new_tokens=6).numpy(), greedy(hf, {"input_ids": ids}, 6).numpy()
+    )
+
+
+def test_what_cannot_be_compiled_is_refused_naming_it(text):
     root = text[0]
-    with pytest.raises(
-        NotImplementedError, match=r"tensor_parallel_size 8: tensor parallelism .*\(issue 13\)"
-    ):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 8 exceeds num_attention_heads 4"):
         RBLNGemma3ForCausalLM.from_pretrained(root / "ckpt", rbln_tensor_parallel_size=8, **CHIP)
-    with pytest.raises(NotImplementedError, match=r"num_devices 2: tensor parallelism"):
-        RBLNGemma3ForCausalLM.from_pretrained(root / "ckpt", rbln_num_devices=2, **CHIP)
     with pytest.raises(ValueError, match=r"adapters list cannot be empty"):  # LoRA: tests/gemma3/test_lora.py
         RBLNGemma3ForCausalLM.from_pretrained(root / "ckpt", rbln_lora_config={"adapters": []}, **CHIP)
     with pytest.raises(
