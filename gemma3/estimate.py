@@ -31,9 +31,10 @@ Each prefill chunk and each decode step is one call from the host: the preset's
 ``host_step_us`` is added per call, beside the device's cycles.
 
 Tensor parallelism (``tp`` devices of the preset, joined by its link, ``npu_emulator.group``),
-Megatron-style as vLLM and optimum-rbln shard a decoder: the attention heads split over the
-devices (ceil(heads / tp) on the busiest), the kv heads too where there are at least as many as
-devices and else replicated (one per device: the one its query heads read); q/k/v and
+Megatron-style as vLLM and optimum-rbln shard a decoder, split as the runtime splits it
+(``gemma3.tensor_parallel.plan_shards``, costed on the device with the most heads): the
+attention heads over the devices, the kv heads too where there are at least as many as devices
+and else replicated (each device holds the ones its query heads read); q/k/v and
 gate/up column-split; o_proj and down_proj row-split, each followed by an all-reduce of the
 (tokens, hidden) activations; the vocabulary split for the embedding (each device gathers the
 rows it holds, zeros elsewhere, then an all-reduce) and for the LM head (logits and argmax of
@@ -65,6 +66,7 @@ from npu_kernels.norms import rmsnorm
 from npu_kernels.rope import rope
 
 from .config import FULL, SHAPE_FIELDS, SLIDING, Gemma3TextConfig, RopeParams, read_json, require_fields
+from .tensor_parallel import plan_shards
 
 # model_type of config.json files costed as Gemma3's kernels with every layer global.
 LLAMA_STYLE = ("llama", "qwen3", "qwen2", "mistral")
@@ -452,10 +454,10 @@ class _Planner:
         self.npu, self.c, self.scale, self.batch = npu, c, embed_scale, batch
         self.group = group
         tp = group.num_devices if group else 1
-        # The busiest device's share: heads, kv heads (replicated when fewer than devices),
-        # MLP columns, vocabulary rows.
-        self.hq = math.ceil(c.num_attention_heads / tp)
-        self.hkv = math.ceil(c.num_key_value_heads / tp)
+        # The busiest device's share (gemma3.tensor_parallel.plan_shards, as the runtime splits):
+        # heads, kv heads (replicated when fewer than devices), MLP columns, vocabulary rows.
+        busiest = max(plan_shards(c, tp), key=lambda s: (len(s.q_heads), len(s.kv_heads)))
+        self.hq, self.hkv = len(busiest.q_heads), len(busiest.kv_heads)
         self.ff = math.ceil(c.intermediate_size / tp)
         self.vocab = math.ceil(c.vocab_size / tp)
         self.dt = npu.dtype

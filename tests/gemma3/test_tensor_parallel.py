@@ -210,6 +210,7 @@ def gqa_dir(tmp_path_factory):
 def test_cycles_equal_the_estimate_and_tile_equals_fast(gqa_dir):
     ids = (np.arange(70) % 290 + 3)[None].repeat(2, 0)
     rbln = dict(rbln_npu="tiny", rbln_max_seq_len=128, rbln_batch_size=2, rbln_prefill_chunk_size=64)
+    workload = dict(batch=2, prompt_tokens=70, new_tokens=4, chunk=64, max_seq_len=128)
     results = {}
     for mode in ("fast", "tile"):
         model = NPUGemma3ForCausalLM.from_pretrained(
@@ -219,21 +220,37 @@ def test_cycles_equal_the_estimate_and_tile_equals_fast(gqa_dir):
         reports = model.runtime.reports()
         results[mode] = (tokens.tolist(), reports["prefill"].cycles, reports["decode"].cycles)
     assert results["tile"] == results["fast"]
+    e = estimate(gqa_dir / "config.json", "tiny", **workload, tp=2)
+    assert (e.prefill.cycles, e.decode.cycles) == results["fast"][1:]
+    one = estimate(gqa_dir / "config.json", "tiny", **workload)
+    assert e.decode.cycles < one.decode.cycles  # two devices split the step's weights
+
+
+def test_an_uneven_split_costs_what_the_estimate_plans(tmp_path):
+    # 8 heads, 2 kv heads on 3 devices: 3, 3 and 2 query heads; the first two hold one kv head
+    # per query head (their groups are cut unevenly), the estimate plans the busiest.
+    tiny_model(tmp_path, num_attention_heads=8, num_key_value_heads=2, **TWO_LAYERS)
+    ids = (np.arange(70) % 290 + 3)[None]
+    model = NPUGemma3ForCausalLM.from_pretrained(
+        tmp_path,
+        rbln_npu="tiny",
+        rbln_max_seq_len=128,
+        rbln_prefill_chunk_size=64,
+        rbln_tensor_parallel_size=3,
+    )
+    model.generate(ids, max_new_tokens=3)
+    reports = model.runtime.reports()
     e = estimate(
-        gqa_dir / "config.json",
+        tmp_path / "config.json",
         "tiny",
-        batch=2,
+        batch=1,
         prompt_tokens=70,
-        new_tokens=4,
+        new_tokens=3,
         chunk=64,
         max_seq_len=128,
-        tp=2,
+        tp=3,
     )
-    assert (e.prefill.cycles, e.decode.cycles) == results["fast"][1:]
-    one = estimate(
-        gqa_dir / "config.json", "tiny", batch=2, prompt_tokens=70, new_tokens=4, chunk=64, max_seq_len=128
-    )
-    assert e.decode.cycles < one.decode.cycles  # two devices split the step's weights
+    assert (e.prefill.cycles, e.decode.cycles) == (reports["prefill"].cycles, reports["decode"].cycles)
 
 
 def test_ray_backend_gives_the_same_tokens_and_cycles(gqa_dir, tmp_path):
