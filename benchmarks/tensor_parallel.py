@@ -11,7 +11,9 @@ all-gathered), every device running the same shapes, so a step is one device's k
 the collectives. Columns: the decode step (batch 1, at the prompt's end) and one prefill chunk,
 their communication share, the speed-up over TP 1 and the scaling efficiency
 ``t(1) / (tp * t(tp))``, and each device's weights against its DRAM (a model whose weights do not
-fit a device at TP 1 or 2 is costed all the same: the point of the row is the scaling).
+fit a device at TP 1 or 2 is costed all the same: the point of the row is the scaling). A size
+past the model's query heads (the 1B's 4 at TP 8 and 16) has no Megatron split, as in vLLM and
+here (``gemma3.tensor_parallel.plan_shards``): its row says so.
 Times include the preset's host time per call (``host_step_us``), which no device count
 shortens.
 
@@ -153,7 +155,12 @@ def main():
     for m in models:
         base = None
         for tp in tps:
-            r = measure(m, tp, cfg, args.prompt_tokens, args.chunk)
+            try:
+                r = measure(m, tp, cfg, args.prompt_tokens, args.chunk)
+            except ValueError as e:  # more devices than query heads: no Megatron split
+                print(f"{m:<7}{tp:>4}  not split: {e}", flush=True)
+                rows.append({"model": m, "tp": tp, "error": str(e)})
+                continue
             if base is None:
                 base = r
             r["decode_speedup"] = base["decode_step_ms"] / r["decode_step_ms"]

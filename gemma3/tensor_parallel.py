@@ -73,15 +73,14 @@ class DeviceShard:
 def plan_shards(c: Gemma3TextConfig, tp: int) -> list[DeviceShard]:
     """The Megatron-style split of ``c`` over ``tp`` devices (module docstring)."""
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
-    for name, n in (
-        ("num_attention_heads", hq),
-        ("intermediate_size", c.intermediate_size),
-        ("vocab_size", c.vocab_size),
+    for name, n, unit in (
+        ("num_attention_heads", hq, "query head"),
+        ("intermediate_size", c.intermediate_size, "MLP column"),
+        ("vocab_size", c.vocab_size, "vocabulary row"),
     ):
         if n < tp:
             raise ValueError(
-                f"tensor_parallel_size {tp} exceeds {name} {n}: every device needs at least one "
-                f"({name.replace('num_', '').replace('_size', '')}) to hold"
+                f"tensor_parallel_size {tp} exceeds {name} {n}: every device needs at least one {unit}"
             )
     group = hq // hkv
     heads = []
