@@ -17,6 +17,16 @@ that out on this die. The LM head (151936 x 2048) takes 2.64 ms: 1.24 GB in fp32
 The RBLN compiler converts to bf16 (rbln-skills bf16-behavior.md: "the compiler downcasts
 compute to bf16", and the artifact's dtype "was never confirmed directly").
 
+No multi-device row: the estimate's tensor parallelism (``estimate(..., tp=N)``) is not held
+against silicon here, because no published measurement of a decoder at tensor_parallel_size > 1
+on RBLN devices was found with both its figure and its workload. Searched: Rebellions'
+optimum-rbln and vllm-rbln repositories (files, history, pull requests), the RBLN model zoo,
+rebel-semin/rbln-skills, docs.rbln.ai (tutorials, vLLM recipes), Rebellions' and SqueezeBits'
+blogs, GitHub issues and code, Hugging Face model cards. Every multi-device compile found
+(Llama 2 13B, Llama 3 / 3.1 8B, Llama 70B, Mistral 7B, Mi:dm, Qwen3 4B at TP 2 to 16) comes
+without a timing; the candidates that carry a figure are listed under "not reproduced" with
+what they lack.
+
 Plans take host time (a few minutes for all rows: the 1.7B model's kernels at a 1024-token
 chunk are planned once, then reused); the wall time is printed.
 """
@@ -153,6 +163,16 @@ NOT_ROWS = [
     "compiled cache slot of every row, and the serving run's max_seq_len is not given",
     f"{CASE_STUDIES}, Whisper-large-v3 decoder 9.1 ms per token: an encoder-decoder with cross "
     "attention, not the decoder kernels estimated here",
+    # Multi-device (tensor-parallel) candidates.
+    "huggingface.co/iAcloud/Qwen3-4B-Batch8-RBLN-0.11.0.post1 (model card), Qwen3-4B bf16 at "
+    "tensor parallel 4 on 4 x RBLN-CA25 (batch 8, max_seq_len 40960, flash_attn): output tokens/s "
+    "of 8 concurrent non-streaming clients through an OpenAI-compatible gateway for 600 s, 256 new "
+    "tokens each: the prompt length is not given, the figure is a serving throughput (gateway, "
+    "scheduling, prefills interleaved), and the stored copy of the card ends before its table, so "
+    "no figure could be read",
+    "RBLN-SW/vllm-rbln pull request #722, gpt-oss-120b at batch 4, expert parallel over data "
+    "parallel 4, rsd 1 (no tensor parallelism): decode 23.21 ms per call on average: a "
+    "mixture-of-experts model, which the estimate does not cost",
 ]
 
 
