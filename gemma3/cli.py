@@ -210,7 +210,9 @@ def generate(args) -> int:
     model.generate([ids], streamer=TextStream(tok), **gen)
     rep = model.last_report
     print("\n" + rep.table())
-    if args.trace:
+    if args.trace and hasattr(model.runtime, "write_trace"):  # several devices: each its tracks
+        model.runtime.write_trace(args.trace, ("prefill", "decode"))
+    elif args.trace:
         reports = model.runtime.cost["prefill"].reports + model.runtime.cost["decode"].reports
         write_sequence_trace(args.trace, reports, name="generate")
         print(f"trace written to {args.trace}: open it at https://ui.perfetto.dev")

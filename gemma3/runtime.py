@@ -84,6 +84,9 @@ class PhaseCost:
         self.reports: list[CycleReport] = []
         self.seconds = 0.0  # host time spent in the phase, where the runner measures it
         self.collectives: list[CycleReport] = []  # of ``reports``: the collectives (tensor parallel)
+        # Tensor parallel: every device's reports per part and the collectives' GroupReports, in
+        # order (npu_emulator.trace.write_group_sequence_trace draws them).
+        self.timeline: list[tuple] = []
 
     def add(self, report: CycleReport):
         self.reports.append(report)
@@ -96,10 +99,12 @@ class PhaseCost:
         )
         self.reports.append(r)
         self.collectives.append(r)
+        self.timeline.append(("collective", report))
 
     def clear(self) -> None:
         self.reports.clear()
         self.collectives.clear()
+        self.timeline.clear()
         self.seconds = 0.0
 
     def split(self) -> dict[str, float]:

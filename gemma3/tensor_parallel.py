@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npu_emulator import NPU, DeviceGroup
+from npu_emulator.trace import write_group_sequence_trace
 from npu_kernels.collectives import all_gather, all_reduce
 from npu_kernels.common import chunks
 from npu_kernels.lm_head import lm_head
@@ -393,6 +394,7 @@ class TensorParallelGemma3(Gemma3OnNPU):
         costs = [sum(r.cycles for r in reps) for _, reps in results]
         busiest = int(np.argmax(costs))
         self.cost[phase].reports.extend(results[busiest][1])
+        self.cost[phase].timeline.append(("part", name, [reps for _, reps in results]))
         return [out for out, _ in results]
 
     def _collective(self, phase, kernel, parts, dtype=None):
@@ -456,6 +458,12 @@ class TensorParallelGemma3(Gemma3OnNPU):
     def reset(self):
         super().reset()
         self.devices.call("reset")
+
+    def write_trace(self, path, phases=("prefill", IMAGE_PREFILL, "decode"), name: str = "generate") -> str:
+        """The phases' timeline as Perfetto JSON: every device's kernels (and, where planned in
+        this process, its engines and DMA queues), and the collectives on the links."""
+        steps = [s for p in phases for s in self.cost[p].timeline]
+        return write_group_sequence_trace(path, steps, name=name)
 
     def _plan_largest_attention(self) -> None:
         self.devices.call("_plan_largest_attention")

@@ -165,6 +165,76 @@ def group_trace_events(report) -> list[dict]:
     return events
 
 
+def write_group_sequence_trace(path, steps, name: str = "sequence") -> str:
+    """One timeline of a device group running a program part by part: ``steps`` in order, each
+    ``("part", label, reports)`` (``reports[d]``: device d's kernels, one after another, all
+    devices starting together) or ``("collective", group_report)``. A part lasts as long as its
+    busiest device; a collective its critical path. Each device gets a "device d kernels" track
+    (one slice per kernel) beside its engines and DMA queues, and the collectives' transfers go
+    on the "links" tracks. Reports without a schedule appear on the kernels tracks only."""
+    if not steps:
+        raise ValueError("write_group_sequence_trace needs at least one step")
+    first = steps[0][1] if steps[0][0] == "collective" else steps[0][2][0][0]
+    us = 1e6 / first.clock_hz
+    n = len(steps[0][2]) if steps[0][0] == "part" else steps[0][1].num_devices
+    engines = None
+    events, seen, offset = [], set(), 0.0
+
+    def add(e, shift):
+        if e["ph"] == "M":
+            key = (e["name"], e["pid"], e.get("tid"))
+            if key in seen:
+                return
+            seen.add(key)
+            events.append(e)
+        else:
+            events.append(dict(e, ts=e["ts"] + shift * us))
+
+    def kernel_slice(d, label, start, cycles, cat):
+        pid = 100_000 + d
+        add({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"device {d} kernels"}}, 0)
+        add({"ph": "M", "name": "process_sort_index", "pid": pid, "args": {"sort_index": -n + d}}, 0)
+        events.append(
+            {"name": label, "cat": cat, "ph": "X", "pid": pid, "tid": 0, "ts": start * us, "dur": cycles * us}
+        )
+
+    for step in steps:
+        if step[0] == "collective":
+            report = step[1]
+            for d in range(n):
+                kernel_slice(d, report.name, offset, report.cycles, "collective")
+            if report.schedule is not None:
+                for e in group_trace_events(report):
+                    add(e, offset)
+            offset += report.cycles
+            continue
+        _, label, per_device = step
+        span = 0
+        for d, reports in enumerate(per_device):
+            t = offset
+            for r in reports:
+                kernel_slice(d, r.name, t, r.cycles, label)
+                if r.schedule is not None:
+                    engines = engines or r.stream.first_dma_unit // 3
+                    per = engines + 1  # a device's pids, as group_trace_events numbers them
+                    for e in trace_events(r):
+                        e = dict(e, pid=d * per + e["pid"])
+                        if e["ph"] == "M" and e["name"] == "process_name":
+                            e["args"] = {"name": f"device {d} {e['args']['name']}"}
+                        elif e["ph"] == "M" and e["name"] == "process_sort_index":
+                            e["args"] = {"sort_index": e["pid"]}
+                        add(e, t)
+                t += r.cycles
+            span = max(span, t - offset)
+        offset += span
+    doc = {
+        "traceEvents": events,
+        "displayTimeUnit": "ns",
+        "otherData": {"name": name, "devices": n, "cycles": int(offset)},
+    }
+    return _write_json(path, doc)
+
+
 def write_group_trace(path, report) -> str:
     """Write a group run's timeline atomically; return the path."""
     doc = {

@@ -353,3 +353,34 @@ def test_cli_tp_prints_the_split(tmp_path):
     assert r.returncode == 0, r.stderr
     header = next(line for line in r.stdout.splitlines() if "communication" in line)
     assert header.split() == ["phase", "compute", "memory", "communication"]
+
+
+def test_the_trace_shows_every_device_and_the_links(gqa_dir, tmp_path):
+    model = NPUGemma3ForCausalLM.from_pretrained(
+        gqa_dir,
+        rbln_npu="tiny",
+        rbln_max_seq_len=128,
+        rbln_prefill_chunk_size=64,
+        rbln_tensor_parallel_size=2,
+    )
+    model.generate(prompt(20)[None], max_new_tokens=3)
+    path = model.runtime.write_trace(tmp_path / "t.json", ("prefill", "decode"))
+    doc = json.loads(open(path).read())
+    rep = model.last_report
+    assert doc["otherData"]["cycles"] == rep.prefill.cycles + rep.decode.cycles  # the critical path
+    names = {e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "process_name"}
+    assert {
+        "device 0 kernels",
+        "device 1 kernels",
+        "device 0 engine 0",
+        "device 1 DMA queues",
+        "links",
+    } <= names
+    slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert any(e["cat"] == "collective" and e["name"] == "all_reduce" for e in slices)
+    links = next(
+        e["pid"]
+        for e in doc["traceEvents"]
+        if e.get("name") == "process_name" and e["args"]["name"] == "links"
+    )
+    assert any(e["pid"] == links for e in slices)  # the collectives' transfers
