@@ -295,6 +295,7 @@ class _Ray:
         if not ray.is_initialized():
             # RAY_ADDRESS (read by ray.init) joins a cluster; without it Ray starts here.
             local = not os.environ.get("RAY_ADDRESS")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report over the network
             ray.init(
                 include_dashboard=False,
                 log_to_driver=False,
