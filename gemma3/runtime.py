@@ -35,8 +35,10 @@ Chunks holding an image cost under the phase "image prefill", text chunks under 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -75,6 +77,31 @@ def memory_bound(report: CycleReport) -> bool:
     """Whether a kernel's binding unit is the memory system (DRAM, SRAM, a DMA queue)."""
     unit = report.binding_unit
     return unit in MEMORY_UNITS or unit.startswith("dma.")
+
+
+class LazyWeights(Mapping):
+    """Name -> weight, each made when read and not kept (``device_weights``): a checkpoint's
+    tensors converted one at a time, so building a model, or one device's slice of it, holds
+    one converted tensor at once. Set a name to an array or to a function making it."""
+
+    def __init__(self):
+        self._make: dict[str, Callable[[], np.ndarray]] = {}
+
+    def __setitem__(self, name: str, value) -> None:
+        self._make[name] = value if callable(value) else (lambda: value)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._make[name]()
+
+    def __iter__(self):
+        return iter(self._make)
+
+    def __len__(self) -> int:
+        return len(self._make)
+
+    def update(self, other) -> None:
+        for name, value in other.items():
+            self[name] = value
 
 
 class PhaseCost:
@@ -143,11 +170,13 @@ class Gemma3OnNPU:
         # Host copies: matrices column-major and, under bf16 numerics, in bf16 (exact there):
         # decode streams each once per token (see npu_kernels/hostmath.py). Cycles do not change.
         self.aliases = {"lm_head"} if config.tie_word_embeddings else set()
-        weights = {n: a for n, a in weights.items() if n not in self.aliases}  # (older saves wrote one)
-        self.weights = {
-            name: self.npu.to_device(a, name=name, compact=a.ndim == 2, column_major=is_matrix(name))
-            for name, a in progress(weights.items(), "weights to DRAM", total=len(weights))
-        }
+        names = [n for n in weights if n not in self.aliases]  # (older saves wrote a tied one)
+        self.weights = {}
+        for name in progress(names, "weights to DRAM"):  # one host tensor at a time (LazyWeights)
+            a = weights[name]
+            self.weights[name] = self.npu.to_device(
+                a, name=name, compact=a.ndim == 2, column_major=is_matrix(name)
+            )
         if self.aliases:  # the tied LM head reads the embedding's host copy, transposed
             self.weights["lm_head"] = self.npu.to_device(
                 self.weights["embed"].numpy().T, name="lm_head", compact=True, column_major=True, copy=False
@@ -186,36 +215,43 @@ class Gemma3OnNPU:
     # ------------------------------------------------------------------ device layout
 
     @staticmethod
-    def device_weights(c: Gemma3TextConfig, get) -> dict[str, np.ndarray]:
-        """Checkpoint tensors (names as weights.expected_shapes) -> device layout, fp32.
+    def device_weights(c: Gemma3TextConfig, get) -> LazyWeights:
+        """Checkpoint tensors (names as weights.expected_shapes) -> device layout, fp32, as a
+        ``LazyWeights``: each made from ``get`` when read.
 
         Projections are (in, out): the transposed views of the checkpoint's (out, in)
         tensors (no copy here; the upload keeps them column-major). A tied LM head is not
         listed: it is the embedding, transposed."""
-        w = {"embed": get("embed_tokens.weight"), "norm": get("norm.weight")}
+        w = LazyWeights()
+        w["embed"] = lambda: get("embed_tokens.weight")
+        w["norm"] = lambda: get("norm.weight")
         if not c.tie_word_embeddings:
-            w["lm_head"] = get("lm_head.weight").T
-        w["vocab_ids"] = np.arange(c.vocab_size, dtype=np.int32)  # ids the on-device argmax looks up
+            w["lm_head"] = lambda: get("lm_head.weight").T
+        w["vocab_ids"] = lambda: np.arange(c.vocab_size, dtype=np.int32)  # ids the on-device argmax looks up
         for layer_type, rope in c.rope.items():
-            cos, sin = rope_tables(c.max_position_embeddings, c.head_dim, rope.theta, rope.factor)
-            w[f"cos_{layer_type}"], w[f"sin_{layer_type}"] = cos, sin
+            tables = functools.cache(
+                lambda r=rope: rope_tables(c.max_position_embeddings, c.head_dim, r.theta, r.factor)
+            )
+            w[f"cos_{layer_type}"] = lambda t=tables: t()[0]
+            w[f"sin_{layer_type}"] = lambda t=tables: t()[1]
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}."
-            qkv = [get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-            w[f"{i}.qkv"] = np.concatenate(qkv, axis=0).T  # (hidden, (Hq + 2 Hkv) * hd)
-            w[f"{i}.o"] = get(p + "self_attn.o_proj.weight").T
-            w[f"{i}.gate"] = get(p + "mlp.gate_proj.weight").T
-            w[f"{i}.up"] = get(p + "mlp.up_proj.weight").T
-            w[f"{i}.down"] = get(p + "mlp.down_proj.weight").T
+            # (hidden, (Hq + 2 Hkv) * hd): q, k and v fused
+            w[f"{i}.qkv"] = lambda p=p: (
+                np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")], axis=0).T
+            )
+            w[f"{i}.o"] = lambda p=p: get(p + "self_attn.o_proj.weight").T
+            for n in ("gate", "up", "down"):
+                w[f"{i}.{n}"] = lambda p=p, n=n: get(p + f"mlp.{n}_proj.weight").T
             for n in (
                 "input_layernorm",
                 "post_attention_layernorm",
                 "pre_feedforward_layernorm",
                 "post_feedforward_layernorm",
             ):
-                w[f"{i}.{n}"] = get(p + n + ".weight")
+                w[f"{i}.{n}"] = lambda p=p, n=n: get(p + n + ".weight")
             for n in ("q_norm", "k_norm"):
-                w[f"{i}.{n}"] = get(p + f"self_attn.{n}.weight")
+                w[f"{i}.{n}"] = lambda p=p, n=n: get(p + f"self_attn.{n}.weight")
         return w
 
     # ------------------------------------------------------------------ kernels
