@@ -42,50 +42,25 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from npu_kernels.attention_decode import NEG
-from npu_kernels.hostmath import _F32, _I32, _I64, LANES, _mm_columns
+from npu_kernels.hostmath import _F32, _I32, _I64, LANES, _mm_columns, round_bf16
 from npu_kernels.matmul import _gelu32
 
 SLOTS = 32  # cache slots per parallel block of scores
 
 
-@intrinsic
-def _bits(typingctx, v):
-    """The bits of a float32 as a uint32."""
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _round_into(src, dst, bf16):
+    for i in numba.prange(src.shape[0]):
+        dst[i] = round_bf16(src[i], bf16)
 
 
-@intrinsic
-def _from_bits(typingctx, v):
-    """The float32 whose bits are the uint32 ``v``."""
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-@numba.njit(cache=True, inline="always")
-def round_bf16(v, bf16):
-    """``v`` (float32) as a bf16 tensor holds it when ``bf16`` (nearest, ties to even, as
-    ``npu_emulator.memory.round_bf16``; a NaN becomes the quiet NaN of its sign), else ``v``."""
-    if not bf16:
-        return v
-    b = np.uint32(_bits(v))
-    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: the quiet NaN of its sign
-        return _from_bits(np.uint32((b & np.uint32(0x80000000)) | np.uint32(0x7FC00000)))
-    up = np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
-    return _from_bits(np.uint32((b + up) & np.uint32(0xFFFF0000)))
-
-
-@numba.njit(cache=True, error_model="numpy")
-def round_array(x, bf16):
-    """``round_bf16`` of every value of a 1-D float32 array, in place (for the tests)."""
-    for i in range(x.shape[0]):
-        x[i] = round_bf16(x[i], bf16)
+def round_array(x: np.ndarray, bf16: bool = True) -> np.ndarray:
+    """``round_bf16`` of every value of ``x`` as a new C-ordered fp32 array (``bf16`` False: a
+    copy): ``npu_emulator.memory.round_bf16``'s values, on Numba's threads."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _round_into(x.reshape(-1), out.reshape(-1), bf16)
+    return out
 
 
 @numba.njit(cache=True, error_model="numpy")

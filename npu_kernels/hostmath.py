@@ -29,6 +29,10 @@ x86-64 host. Three things matter:
   two cores wait on each other's spinning (a decode step of a few hundred small calls went
   from ~30 ms to over 800 ms that way on the default model). Products run on Numba's threads,
   over blocks of output columns; the elementwise kernels run on the calling thread.
+* **bf16 rounding in Numba** (``round_bf16``): what a bf16 tensor holds, as
+  ``npu_emulator.memory.round_bf16`` (ml_dtypes) rounds, for kernels that round inside a
+  jitted loop (the GeGLU's h, ``npu_kernels/mlp.py``; the fused decode layer,
+  ``gemma3/host_fused.py``).
 * **Weight bytes.** Decoding streams every weight once per token. Weights may be held in
   bfloat16 (what the chip stores; exact under bf16 numerics) and are widened to fp32 in
   registers (the fp32 word's upper half), ``LANES`` at a time: half the memory traffic of fp32
@@ -71,6 +75,39 @@ def as_f32(a: np.ndarray) -> np.ndarray:
 def _held(w: np.ndarray) -> np.ndarray:
     """What the Numba kernels read: bf16 as its bits (uint16), else fp32."""
     return w.view(np.uint16) if is_bf16(w) else np.asarray(w, np.float32)
+
+
+@intrinsic
+def _bits(typingctx, v):
+    """The bits of a float32 as a uint32."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _from_bits(typingctx, v):
+    """The float32 whose bits are the uint32 ``v``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@numba.njit(cache=True, inline="always")
+def round_bf16(v, bf16):
+    """``v`` (float32) as a bf16 tensor holds it when ``bf16`` (nearest, ties to even, as
+    ``npu_emulator.memory.round_bf16``; a NaN becomes the quiet NaN of its sign), else ``v``."""
+    if not bf16:
+        return v
+    b = np.uint32(_bits(v))
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: the quiet NaN of its sign
+        return _from_bits(np.uint32((b & np.uint32(0x80000000)) | np.uint32(0x7FC00000)))
+    up = np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
+    return _from_bits(np.uint32((b + up) & np.uint32(0xFFFF0000)))
 
 
 def _dot_tile(rows: int, cols: int):
