@@ -9,9 +9,10 @@
   never padded), and every host product computes each output row on its own in a fixed order
   (``npu_kernels/hostmath.py``), so the valid rows' values are those of the padded run, bit
   for bit. Tile mode always runs the padded chunk: it executes the chip's program as is.
-* **Decode steps without the per-kernel run path** (``HostDecode``): the kernels' ``fast``
-  functions called directly, the reports of the per-kernel path's step at the same attention
-  lengths added; tokens, logits and reports bit for bit those of the per-kernel path.
+* **Decode steps without the per-kernel run path** (``HostDecode``): one jitted pass per
+  decoder layer (``gemma3/host_fused.py``: the kernels' fast functions' numbers, rounded and
+  summed as they are), the reports of the per-kernel path's step at the same attention lengths
+  added; tokens, logits and reports bit for bit those of the per-kernel path.
 
 The model's hooks (``gemma3/runtime.py``): ``Gemma3OnNPU.valid_rows_only`` (class switch),
 ``padded_rows`` (set while a chunk runs its valid rows) and ``host_decode`` (None: per kernel).
@@ -121,10 +122,10 @@ class HostDecode:
     the inputs, output checks): about 13 ms of a 270M decode step's ~250 calls. The reports a
     step adds depend only on its static shapes, and those only on the attention lengths (whole
     KV tiles of each layer's cache), so the first step at each length runs the per-kernel path
-    (``Gemma3OnNPU.decode``) and its reports are kept; later steps at that length call the
-    kernels' ``fast`` functions directly, rounding every kernel's inputs and outputs as the
-    device stores them (bf16 numerics: to bfloat16), and add the kept reports. The tokens,
-    logits and cycle reports are those of the per-kernel path, bit for bit."""
+    (``Gemma3OnNPU.decode``) and its reports are kept; later steps at that length run each
+    layer as one jitted pass (``gemma3/host_fused.py``), rounding every kernel's inputs and
+    outputs as the device stores them (bf16 numerics: to bfloat16), and add the kept reports.
+    The tokens, logits and cycle reports are those of the per-kernel path, bit for bit."""
 
     def __init__(self, runtime):
         self.rt = runtime
