@@ -41,26 +41,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from npu_emulator.bf16 import round_value as round_bf16
 from npu_kernels.attention_decode import NEG
-from npu_kernels.hostmath import _F32, _I32, _I64, LANES, _mm_columns, round_bf16
+from npu_kernels.hostmath import _F32, _I32, _I64, LANES, _mm_columns
 from npu_kernels.matmul import _gelu32
 
 SLOTS = 32  # cache slots per parallel block of scores
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def _round_into(src, dst, bf16):
-    for i in numba.prange(src.shape[0]):
-        dst[i] = round_bf16(src[i], bf16)
-
-
-def round_array(x: np.ndarray, bf16: bool = True) -> np.ndarray:
-    """``round_bf16`` of every value of ``x`` as a new C-ordered fp32 array (``bf16`` False: a
-    copy): ``npu_emulator.memory.round_bf16``'s values, on Numba's threads."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    _round_into(x.reshape(-1), out.reshape(-1), bf16)
-    return out
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -31,7 +31,7 @@ from npu_kernels.hostmath import _held
 from npu_kernels.lm_head import lm_head
 from npu_kernels.norms import rmsnorm
 
-from .host_fused import decode_layer, round_array
+from .host_fused import decode_layer
 
 # Which inputs of each kernel the prefill chunk's rows run along (their first axis); every
 # other input (weights, tables, caches) has the same shape padded or not.
@@ -108,10 +108,7 @@ def _run(npu, kernel, tensors, rows, consts, padded_rows):
                 f"kernel {kernel.name!r}: fast output {name!r} of {valid} valid rows has shape {r.shape}, "
                 f"the padded chunk's is {shape}"
             )
-        if dtype == "bf16" and npu.numerics == "bf16":  # store_value's rounding, on Numba's threads
-            outputs.append(round_array(r))
-        else:
-            outputs.append(store_value(r, dtype, npu.numerics).astype(DTYPES[dtype][1], copy=False))
+        outputs.append(store_value(r, dtype, npu.numerics).astype(DTYPES[dtype][1], copy=False))
     return (outputs[0] if len(outputs) == 1 else tuple(outputs)), plan.report
 
 

@@ -29,10 +29,6 @@ x86-64 host. Three things matter:
   two cores wait on each other's spinning (a decode step of a few hundred small calls went
   from ~30 ms to over 800 ms that way on the default model). Products run on Numba's threads,
   over blocks of output columns; the elementwise kernels run on the calling thread.
-* **bf16 rounding in Numba** (``round_bf16``): what a bf16 tensor holds, as
-  ``npu_emulator.memory.round_bf16`` (ml_dtypes) rounds, for kernels that round inside a
-  jitted loop (the GeGLU's h, ``npu_kernels/mlp.py``; the fused decode layer,
-  ``gemma3/host_fused.py``).
 * **Weight bytes.** Decoding streams every weight once per token. Weights may be held in
   bfloat16 (what the chip stores; exact under bf16 numerics) and are widened to fp32 in
   registers (the fp32 word's upper half), ``LANES`` at a time: half the memory traffic of fp32
@@ -58,6 +54,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from npu_emulator.bf16 import from_bits
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LANES = 16  # partial sums per output (the summation order above; not the CPU's vector width)
 SMALL_M = 16  # rows: up to this many (decode), each output streams its weights on its own
@@ -79,39 +77,6 @@ def as_f32(a: np.ndarray) -> np.ndarray:
 def _held(w: np.ndarray) -> np.ndarray:
     """What the Numba kernels read: bf16 as its bits (uint16), else fp32."""
     return w.view(np.uint16) if is_bf16(w) else np.asarray(w, np.float32)
-
-
-@intrinsic
-def _bits(typingctx, v):
-    """The bits of a float32 as a uint32."""
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _from_bits(typingctx, v):
-    """The float32 whose bits are the uint32 ``v``."""
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-@numba.njit(cache=True, inline="always")
-def round_bf16(v, bf16):
-    """``v`` (float32) as a bf16 tensor holds it when ``bf16`` (nearest, ties to even, as
-    ``npu_emulator.memory.round_bf16``; a NaN becomes the quiet NaN of its sign), else ``v``."""
-    if not bf16:
-        return v
-    b = np.uint32(_bits(v))
-    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: the quiet NaN of its sign
-        return _from_bits(np.uint32((b & np.uint32(0x80000000)) | np.uint32(0x7FC00000)))
-    up = np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
-    return _from_bits(np.uint32((b + up) & np.uint32(0xFFFF0000)))
 
 
 def _lane_sum(builder, acc):
@@ -247,7 +212,7 @@ def _mm_columns(a, wt, out, n0, n1):
         for r in range(n0, n_end, TILE_N):
             for j in range(TILE_N):
                 for k in range(wt.shape[1]):
-                    wide[j, k] = _from_bits(np.uint32(wt[r + j, k]) << np.uint32(16))
+                    wide[j, k] = from_bits(np.uint32(wt[r + j, k]) << np.uint32(16))
             cols = out[:, r : r + TILE_N]
             for m in range(0, m_end, TILE_M):
                 _dot_mxn(a, wide, cols, m, 0)

@@ -48,6 +48,7 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError, NPUConfig, as_stored
+from npu_emulator.bf16 import round_value
 from npu_emulator.program import ceil_div, tiles
 
 from . import hostmath
@@ -95,7 +96,7 @@ def _geglu_columns(a, wg, wu, h, block, bf16):
         hostmath._mm_columns(a, wu, u, n0, n1)
         for m in range(a.shape[0]):
             for c in range(n0, n1):
-                h[m, c] = hostmath.round_bf16(_gelu32(g[m, c]) * u[m, c], bf16)
+                h[m, c] = round_value(_gelu32(g[m, c]) * u[m, c], bf16)
 
 
 def geglu_mlp_fast(x, w_gate, w_up, w_down, *, numerics: str = "fp32", **_) -> np.ndarray:
