@@ -19,17 +19,20 @@ so that every value is the same:
   sums each score over head_dim left to right from +0, the softmax's denominator and each
   output element over the slots left to right, skipping slots of zero weight
   (``npu_kernels/attention_decode.py``). What runs in parallel are independent outputs
-  (columns of a product, blocks of slots of the scores, query heads), never parts of one sum. The row maximum of the softmax is taken per block of slots
-  and then over the blocks: a maximum does not depend on the order (NaN scores aside).
+  (columns of a product, blocks of slots of the scores, query heads), never parts of one sum.
+  The row maximum of the softmax is taken per block of slots and then over the blocks: a
+  maximum does not depend on the order (NaN scores aside).
 * **The same elementwise code**: the expressions of rope, GeGLU (``_gelu32``) and the
   softmax's ``exp`` are those of the kernels, compiled by Numba without fast-math (no fused
   multiply-add, no reassociation).
 
 Per layer the work forks the thread pool six times (q/k/v columns, score blocks, query
-heads' softmax and weighted values, o columns, gate/up columns with the GeGLU, down columns); the
-small serial parts between them (norms, RoPE, the cache write: a few thousand values) run on
-the calling thread. The tests hold the tokens, logits and cycle reports equal to the
-per-kernel path's (``tests/gemma3/test_host_step.py``) and the rounding to ``round_bf16``.
+heads' softmax and weighted values, o columns, gate/up columns with the GeGLU, down columns);
+the small serial parts between them (norms, RoPE, the cache write: a few thousand values) run
+on the calling thread. The tests hold the tokens, logits and cycle reports equal to the
+per-kernel path's and the attention to ``attention_decode_fast``, bit for bit
+(``tests/gemma3/test_host_step.py``); the rounding (``npu_emulator/bf16.py``) is held to
+ml_dtypes' (``tests/npu_emulator/test_memory.py``).
 """
 
 from __future__ import annotations
