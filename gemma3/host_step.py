@@ -9,9 +9,10 @@
   never padded), and every host product computes each output row on its own in a fixed order
   (``npu_kernels/hostmath.py``), so the valid rows' values are those of the padded run, bit
   for bit. Tile mode always runs the padded chunk: it executes the chip's program as is.
-* **Decode steps without the per-kernel run path** (``HostDecode``): the kernels' ``fast``
-  functions called directly, the reports of the per-kernel path's step at the same attention
-  lengths added; tokens, logits and reports bit for bit those of the per-kernel path.
+* **Decode steps without the per-kernel run path** (``HostDecode``): one jitted pass per
+  decoder layer (``gemma3/host_fused.py``: the kernels' fast functions' numbers, rounded and
+  summed as they are), the reports of the per-kernel path's step at the same attention lengths
+  added; tokens, logits and reports bit for bit those of the per-kernel path.
 
 The model's hooks (``gemma3/runtime.py``): ``Gemma3OnNPU.valid_rows_only`` (class switch),
 ``padded_rows`` (set while a chunk runs its valid rows) and ``host_decode`` (None: per kernel).
@@ -19,19 +20,18 @@ The model's hooks (``gemma3/runtime.py``): ``Gemma3OnNPU.valid_rows_only`` (clas
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from npu_emulator import CycleReport, Kernel, KernelError
 from npu_emulator.device import DeviceTensor
 from npu_emulator.memory import DTYPES, round_bf16, store_value
-from npu_kernels.attention_decode import attention_decode
 from npu_kernels.embedding import embedding
-from npu_kernels.kvcache import kv_cache_write
+from npu_kernels.hostmath import _held
 from npu_kernels.lm_head import lm_head
-from npu_kernels.matmul import matmul
-from npu_kernels.mlp import geglu_mlp
 from npu_kernels.norms import rmsnorm
-from npu_kernels.rope import rope
+
+from .host_fused import decode_layer
 
 # Which inputs of each kernel the prefill chunk's rows run along (their first axis); every
 # other input (weights, tables, caches) has the same shape padded or not.
@@ -43,6 +43,18 @@ CHUNK_ROW_INPUTS = {
     "attention_prefill": (0, 1, 2),  # q (T, Hq, hd), k and v (T, Hkv, hd)
     "geglu_mlp": (0,),  # x (T, hidden)
 }
+
+
+# What decode_layer reads per layer (gemma3/host_fused.py), in its order.
+NORMS = (
+    "input_layernorm",
+    "q_norm",
+    "k_norm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+PRODUCTS = ("qkv", "o", "gate", "up", "down")
 
 
 def run_valid_rows(
@@ -107,14 +119,15 @@ class HostDecode:
     the inputs, output checks): about 13 ms of a 270M decode step's ~250 calls. The reports a
     step adds depend only on its static shapes, and those only on the attention lengths (whole
     KV tiles of each layer's cache), so the first step at each length runs the per-kernel path
-    (``Gemma3OnNPU.decode``) and its reports are kept; later steps at that length call the
-    kernels' ``fast`` functions directly, rounding every kernel's inputs and outputs as the
-    device stores them (bf16 numerics: to bfloat16), and add the kept reports. The tokens,
-    logits and cycle reports are those of the per-kernel path, bit for bit."""
+    (``Gemma3OnNPU.decode``) and its reports are kept; later steps at that length run each
+    layer as one jitted pass (``gemma3/host_fused.py``), rounding every kernel's inputs and
+    outputs as the device stores them (bf16 numerics: to bfloat16), and add the kept reports.
+    The tokens, logits and cycle reports are those of the per-kernel path, bit for bit."""
 
     def __init__(self, runtime):
         self.rt = runtime
         self.steps: dict[tuple, list[CycleReport]] = {}  # (batch shape, attention lengths) -> reports
+        self._prepared = None  # per layer: what decode_layer reads of the weights (_layers)
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         rt = self.rt
@@ -147,46 +160,71 @@ class HostDecode:
         reach = int(min(pos.max() + 1, slots))
         return min(slots, -(-reach // rt.kv_tile) * rt.kv_tile)
 
+    def _layers(self) -> list[tuple]:
+        """Per layer, what ``decode_layer`` reads of the weights (gemma3/host_fused.py): the
+        six norms' (1 + w) in fp32, as ``rmsnorm_fast`` computes them, and the five products'
+        weights as (N, K) rows (views of the column-major host copies, bf16 bits or fp32).
+        Made once: the compiled model's weights do not change."""
+        if self._prepared is None:
+            rt, c = self.rt, self.rt.c
+            w = {name: t.numpy() for name, t in rt.weights.items()}
+            width = max(c.hidden_size, c.head_dim)
+            layers = []
+            for i in range(c.num_hidden_layers):
+                norms = np.zeros((len(NORMS), width), np.float32)
+                for j, name in enumerate(NORMS):
+                    g = w[f"{i}.{name}"]
+                    norms[j, : g.shape[0]] = (1.0 + g.astype(np.float32)).astype(np.float32)
+                products = tuple(_held(np.ascontiguousarray(w[f"{i}.{n}"].T)) for n in PRODUCTS)
+                layers.append((norms, *products))
+            self._prepared = layers
+        return self._prepared
+
     def _step(self, tokens, pos, lengths):
         rt, c = self.rt, self.rt.c
-        w = {name: t.numpy() for name, t in rt.weights.items()}
         bf16 = rt.npu.numerics == "bf16" and rt.npu.dtype == "bf16"
-        numerics = "bf16" if bf16 else "fp32"
+        w = rt.weights
 
         def stored(x):  # what a bf16 DRAM tensor holds: kernel inputs copied in, and outputs
             return round_bf16(x) if bf16 else np.asarray(x, np.float32)
 
-        eps = c.rms_norm_eps
-        hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        b = tokens.shape[0]
-        x = stored(embedding.fast(tokens.astype(np.int32), w["embed"], scale=c.embed_scale))
-        p32 = pos.astype(np.int32)
-        for i in range(c.num_hidden_layers):
+        eps = np.float32(c.rms_norm_eps)
+        x = stored(embedding.fast(tokens.astype(np.int32), w["embed"].numpy(), scale=c.embed_scale))
+        x = np.ascontiguousarray(x, np.float32)
+        tables = {}  # layer type -> the cos and sin rows at each sequence's position
+        masks = {}  # (ring, sliding, length) -> mask
+        scale = np.float32(c.attention_scale)
+        for i, prepared in enumerate(self._layers()):
             kind = c.layer_types[i]
-            h = stored(rmsnorm.fast(stored(x), w[f"{i}.input_layernorm"], eps=eps))
-            qkv = stored(matmul.fast(h, w[f"{i}.qkv"]))  # (B, (Hq + 2 Hkv) * hd)
-            q = stored(rmsnorm.fast(qkv[:, : hq * hd].reshape(b, hq, hd), w[f"{i}.q_norm"], eps=eps))
-            k = stored(
-                rmsnorm.fast(qkv[:, hq * hd : (hq + hkv) * hd].reshape(b, hkv, hd), w[f"{i}.k_norm"], eps=eps)
-            )
-            v = np.ascontiguousarray(qkv[:, (hq + hkv) * hd :].reshape(b, hkv, hd))
-            q = stored(rope.fast(q, w[f"cos_{kind}"], w[f"sin_{kind}"], p32))
-            k = stored(rope.fast(k, w[f"cos_{kind}"], w[f"sin_{kind}"], p32))
+            if kind not in tables:
+                tables[kind] = tuple(
+                    np.ascontiguousarray(w[f"{t}_{kind}"].numpy()[pos], np.float32) for t in ("cos", "sin")
+                )
             k_cache, v_cache = (t.numpy() for t in rt.caches[i])
             slots = k_cache.shape[2]
-            where = pos % slots if rt.ring(i) else pos  # (B,)
-            rows = ((np.arange(b)[:, None] * hkv + np.arange(hkv)[None, :]) * slots + where[:, None]).astype(
-                np.int32
-            )[:, None, :]  # (B, 1, Hkv)
-            kv_cache_write.fast(k_cache, k[:, None], rows)
-            kv_cache_write.fast(v_cache, v[:, None], rows)
-            mask = rt.decode_mask(i, pos, lengths[i], slots)
-            a = stored(attention_decode.fast(q, k_cache, v_cache, mask, scale=c.attention_scale))
-            o = stored(matmul.fast(a.reshape(b, -1), w[f"{i}.o"]))
-            x = x + stored(rmsnorm.fast(o, w[f"{i}.post_attention_layernorm"], eps=eps))
-            h = stored(rmsnorm.fast(stored(x), w[f"{i}.pre_feedforward_layernorm"], eps=eps))
-            m = stored(geglu_mlp.fast(h, w[f"{i}.gate"], w[f"{i}.up"], w[f"{i}.down"], numerics=numerics))
-            x = x + stored(rmsnorm.fast(m, w[f"{i}.post_feedforward_layernorm"], eps=eps))
-        h = stored(rmsnorm.fast(stored(x), w["norm"], eps=eps))
-        logits, _ = lm_head.fast(h, w["lm_head"], w["vocab_ids"], softcap=c.final_logit_softcapping)
+            ring = rt.ring(i)
+            key = (ring, c.is_sliding(i), lengths[i], slots)
+            if key not in masks:
+                masks[key] = np.ascontiguousarray(rt.decode_mask(i, pos, lengths[i], slots), np.float32)
+            where = (pos % slots if ring else pos).astype(np.int64)
+            decode_layer(
+                x,
+                *prepared,
+                *tables[kind],
+                k_cache,
+                v_cache,
+                where,
+                masks[key],
+                scale,
+                eps,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+                bf16,
+                numba.get_num_threads(),
+            )
+        h = stored(rmsnorm.fast(stored(x), w["norm"].numpy(), eps=c.rms_norm_eps))
+        logits, _ = lm_head.fast(
+            h, w["lm_head"].numpy(), w["vocab_ids"].numpy(), softcap=c.final_logit_softcapping
+        )
         return np.asarray(logits, np.float32)  # the LM head's logits are fp32 on the device

@@ -38,9 +38,17 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+PARALLEL_ROUNDING = 1 << 15  # values from which round_bf16 rounds on Numba's threads
+
+
 def round_bf16(x: np.ndarray) -> np.ndarray:
     """Round float32 values to the nearest bfloat16 (ties to even), returned as float32."""
-    return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    if x.size >= PARALLEL_ROUNDING and x.flags.c_contiguous:  # the same values (npu_emulator/bf16.py)
+        from .bf16 import round_array
+
+        return round_array(x)
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def store_value(values: np.ndarray, dtype: str, numerics: str) -> np.ndarray:

@@ -28,12 +28,18 @@ x86-64 host. Three things matter:
   their own worker threads, which spin for a while after each call; two pools alternating on
   two cores wait on each other's spinning (a decode step of a few hundred small calls went
   from ~30 ms to over 800 ms that way on the default model). Products run on Numba's threads,
-  over blocks of output columns; the elementwise kernels run on the calling thread.
+  over blocks of output columns (the GeGLU MLP's activation inside its gate and up products'
+  loop, ``npu_kernels/mlp.py``), as does the bf16 rounding of large arrays
+  (``npu_emulator/bf16.py``); the other elementwise kernels run on the calling thread.
 * **Weight bytes.** Decoding streams every weight once per token. Weights may be held in
   bfloat16 (what the chip stores; exact under bf16 numerics) and are widened to fp32 in
   registers (the fp32 word's upper half), ``LANES`` at a time: half the memory traffic of fp32
   weights. The products read ``w`` as the rows of ``w.T`` (column-major ``w``, as the model
   holds its matrices): each output is one contiguous stream per operand.
+* **Many rows** (prefill, more than ``SMALL_M``): outputs in 4 x 4 register tiles; a tile's
+  four bf16 weight rows are widened once into an fp32 buffer (L1) that all its row tiles read,
+  and a tile's 16 lane vectors are summed together: transposed by shuffles, so that one
+  vector holds lane l of every output, then added lane after lane (the order above, exactly).
 
 ``matmul(a, w)`` is the entry point: ``a`` (M, K) fp32 times ``w`` (K, N) fp32 or bfloat16,
 column-major (the transposed view of a C-ordered (N, K) array: the model's matrices and the
@@ -49,6 +55,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from npu_emulator.bf16 import from_bits
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 LANES = 16  # partial sums per output (the summation order above; not the CPU's vector width)
@@ -71,6 +79,40 @@ def as_f32(a: np.ndarray) -> np.ndarray:
 def _held(w: np.ndarray) -> np.ndarray:
     """What the Numba kernels read: bf16 as its bits (uint16), else fp32."""
     return w.view(np.uint16) if is_bf16(w) else np.asarray(w, np.float32)
+
+
+def _lane_sum(builder, acc):
+    """(...((l_0 + l_1) + l_2) ...) + l_15 of one vector of lanes."""
+    total = builder.extract_element(acc, ir.Constant(_I32, 0))
+    for lane in range(1, LANES):
+        total = builder.fadd(total, builder.extract_element(acc, ir.Constant(_I32, lane)))
+    return total
+
+
+def _lane_sums(builder, accs):
+    """``_lane_sum`` of each of ``LANES`` vectors, as one vector (lane o: vector o's sum):
+    transposed by a butterfly (stage d swaps bit d of the lane and vector indices), then the
+    vectors added in lane order, lane o of each addition in the order of ``_lane_sum``."""
+    vs = list(accs)
+    distance = LANES // 2
+    while distance:
+        low = ir.Constant(
+            ir.VectorType(_I32, LANES), [LANES + p - distance if p & distance else p for p in range(LANES)]
+        )
+        high = ir.Constant(
+            ir.VectorType(_I32, LANES), [LANES + p if p & distance else p + distance for p in range(LANES)]
+        )
+        new = list(vs)
+        for i in range(LANES):
+            if not i & distance:
+                new[i] = builder.shuffle_vector(vs[i], vs[i + distance], low)
+                new[i + distance] = builder.shuffle_vector(vs[i], vs[i + distance], high)
+        vs = new
+        distance //= 2
+    total = vs[0]
+    for v in vs[1:]:
+        total = builder.fadd(total, v)
+    return total
 
 
 def _dot_tile(rows: int, cols: int):
@@ -130,13 +172,21 @@ def _dot_tile(rows: int, cols: int):
                         acc = builder.load(lanes[i][j])
                         total = builder.fadd(builder.extract_element(acc, lane), product)
                         builder.store(builder.insert_element(acc, total, lane), lanes[i][j])
-                    acc = builder.load(lanes[i][j])
-                    total = builder.extract_element(acc, ir.Constant(_I32, 0))
-                    for lane in range(1, LANES):
-                        total = builder.fadd(total, builder.extract_element(acc, ir.Constant(_I32, lane)))
+            accs = [builder.load(lanes[i][j]) for i in range(rows) for j in range(cols)]
+            if len(accs) == LANES:
+                # As many outputs as lanes: transpose the tile's lane vectors (a butterfly of
+                # shuffles), so that vector l holds lane l of every output, then add the vectors
+                # in lane order: output o is (...((l_0 + l_1) + l_2) ...) + l_15, the same sums.
+                totals = _lane_sums(builder, accs)
+                accs = [builder.extract_element(totals, ir.Constant(_I32, o)) for o in range(LANES)]
+            else:
+                accs = [_lane_sum(builder, acc) for acc in accs]
+            for i in range(rows):
+                for j in range(cols):
                     m = builder.add(m0_, ir.Constant(_I64, i))
                     n = builder.add(n0_, ir.Constant(_I64, j))
-                    builder.store(total, cgutils.get_item_pointer(context, builder, o_ty, o_, [m, n]))
+                    ptr = cgutils.get_item_pointer(context, builder, o_ty, o_, [m, n])
+                    builder.store(accs[i * cols + j], ptr)
             return context.get_dummy_value()
 
         return types.void(a, wt, out, types.intp, types.intp), codegen
@@ -158,7 +208,19 @@ def _mm_columns(a, wt, out, n0, n1):
     tiled = m_rows > SMALL_M
     m_end = m_rows - m_rows % TILE_M if tiled else 0
     n_end = n1 - (n1 - n0) % TILE_N if tiled else n0
-    for r in range(n0, n_end, TILE_N):
+    widened = tiled and wt.itemsize == 2
+    if widened:  # bf16: a tile's weight rows widened once, not once per tile of rows
+        wide = np.empty((TILE_N, wt.shape[1]), np.float32)
+        for r in range(n0, n_end, TILE_N):
+            for j in range(TILE_N):
+                for k in range(wt.shape[1]):
+                    wide[j, k] = from_bits(np.uint32(wt[r + j, k]) << np.uint32(16))
+            cols = out[:, r : r + TILE_N]
+            for m in range(0, m_end, TILE_M):
+                _dot_mxn(a, wide, cols, m, 0)
+            for m in range(m_end, m_rows):
+                _dot_1xn(a, wide, cols, m, 0)
+    for r in range(n0, n0 if widened else n_end, TILE_N):
         for m in range(0, m_end, TILE_M):
             _dot_mxn(a, wt, out, m, r)
         for m in range(m_end, m_rows):

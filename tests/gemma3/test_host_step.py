@@ -2,17 +2,24 @@
 
 A padded prefill chunk computes only its valid rows in fast mode; its cost stays the padded
 chunk's plans, kernel by kernel, and its logits those of the padded computation, bit for bit.
+A decode step runs one jitted pass per layer (gemma3/host_fused.py); its tokens, logits and
+reports are the per-kernel path's, bit for bit, and its parts equal the kernels' fast functions.
 """
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gemma3 import NPUGemma3ForCausalLM
+from gemma3 import NPUGemma3ForCausalLM, host_fused
 from gemma3.host_step import run_valid_rows
 from npu_emulator import NPU, KernelError
+from npu_emulator.memory import round_bf16
+from npu_kernels.attention_decode import attention_decode_fast
 from npu_kernels.matmul import matmul
 from npu_kernels.mlp import geglu_mlp
 from tests.gemma3.oracle import tiny_model
+from tests.strategies import arrays, seeds
 
 RBLN = dict(rbln_npu="tiny", rbln_prefill_chunk_size=64, rbln_max_seq_len=160)
 
@@ -74,10 +81,20 @@ def test_valid_rows_refuse_mismatched_rows_and_tile_mode():
         run_valid_rows(NPU("tiny"), softmax, [x[:4]], {}, padded_rows=32)
 
 
-@pytest.mark.parametrize("numerics", ["bf16", "fp32"])
-def test_host_decode_gives_the_per_kernel_path_s_reports_and_logits(tmp_path, numerics):
+@pytest.mark.parametrize(
+    "numerics, heads",
+    [
+        ("bf16", {}),  # the tiny model: 2 query heads per kv head, head_dim 16
+        ("fp32", {}),
+        # 4 query heads per kv head (Gemma 3 270M's), head_dim and hidden size no multiple of 16
+        ("bf16", dict(num_key_value_heads=1, head_dim=24, hidden_size=40, query_pre_attn_scalar=24)),
+        # 3 query heads per kv head: the scores' plain loop
+        ("bf16", dict(num_attention_heads=3, num_key_value_heads=1, hidden_size=48)),
+    ],
+)
+def test_host_decode_gives_the_per_kernel_path_s_reports_and_logits(tmp_path, numerics, heads):
     """Past a KV tile and past the sliding window's ring, a batch of two left-padded prompts."""
-    tiny_model(tmp_path, sliding_window=16)
+    tiny_model(tmp_path, sliding_window=16, **heads)
     rng = np.random.default_rng(2)
     ids = rng.integers(3, 300, size=(2, 9))
     mask = np.ones_like(ids)
@@ -109,3 +126,39 @@ def test_host_decode_refuses_a_full_cache(tmp_path):
     model.runtime.positions[:] = model.runtime.max_seq_len
     with pytest.raises(ValueError, match="a sequence reached max_seq_len 160"):
         model.runtime.decode(np.zeros(1, np.int64))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4, 8]),
+    head_dim=st.sampled_from([2, 16, 24, 34]),
+    length=st.integers(1, 80),
+    seed=seeds,
+)
+def test_fused_attention_is_the_kernel_s_fast_function(batch, kv_heads, group, head_dim, length, seed):
+    """decode_layer's attention (score blocks, then each head's softmax and values) against
+    attention_decode_fast, bit for bit: slots masked anywhere, whole blocks of them masked too,
+    every group size of the score tiles and the plain loop, partial tiles and blocks."""
+    hq = kv_heads * group
+    q = arrays((batch, hq * head_dim), seed)
+    k = arrays((batch, kv_heads, length + 3, head_dim), seed + 1)
+    v = arrays((batch, kv_heads, length + 3, head_dim), seed + 2)
+    rng = np.random.default_rng(seed)
+    mask = np.where(rng.random((batch, length)) < 0.3, -np.inf, 0.0).astype(np.float32)
+    mask[:, : min(length, host_fused.SLOTS)] = -np.inf  # a whole block of slots hidden
+    mask[:, -1] = 0.0  # (every row sees a slot)
+    scale = np.float32(head_dim**-0.5)
+    blocks = -(-length // host_fused.SLOTS)
+    s = np.empty((batch, hq, length), np.float32)
+    top = np.empty((batch, hq, blocks), np.float32)
+    for t in range(batch * kv_heads * blocks):
+        host_fused._scores(t, q, k, mask, scale, hq, kv_heads, head_dim, s, top)
+    for bf16 in (True, False):
+        out = np.empty((batch, hq * head_dim), np.float32)
+        for t in range(batch * hq):
+            host_fused._attend(t, s, top, v, kv_heads, head_dim, bf16, out)
+        want = attention_decode_fast(q.reshape(batch, hq, head_dim), k, v, mask, scale=scale)
+        want = round_bf16(want) if bf16 else want
+        assert out.tobytes() == want.reshape(batch, -1).tobytes()

@@ -70,3 +70,31 @@ def test_bf16_rounding_is_round_to_nearest_even():
 def test_dram_buffers_report_where_they_live():
     assert buf(memory=DRAM).where == "DRAM"
     assert buf().where == "local SRAM of engine 0"
+
+
+def test_round_bf16_in_numba_is_ml_dtypes_round_trip():
+    """npu_emulator/bf16.py (bit operations, on Numba's threads; memory.round_bf16 uses it for
+    large arrays) against ml_dtypes' float32 -> bfloat16 -> float32: ties to even, both signs,
+    subnormals, the largest finite values (which round to inf), inf, NaN (any payload)."""
+    import ml_dtypes
+
+    from npu_emulator import bf16
+    from npu_emulator.memory import PARALLEL_ROUNDING, round_bf16
+
+    special = [0, 0x8000, 0x3F808000, 0x3F818000, 0x3F80FFFF, 0x00008000, 0x00018000, 0x7F7FFFFF]
+    special += [0x7F7F8000, 0x7F7F7FFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001]
+    special += [0xFFFFFFFF, 0x7FBFFFFF, 0xFF800001]
+    rng = np.random.default_rng(3)
+    bits = np.concatenate(
+        [np.array(special, np.uint32), rng.integers(0, 2**32, 2 * PARALLEL_ROUNDING, np.uint32)]
+    )
+    x = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):  # (ml_dtypes warns casting NaN)
+        want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+        assert bf16.round_array(x).tobytes() == want.tobytes()
+        assert bf16.round_array(x, bf16=False).tobytes() == x.tobytes()
+        assert round_bf16(x).tobytes() == want.tobytes()  # the Numba path
+        assert round_bf16(x[:1000]).tobytes() == want[:1000].tobytes()  # ml_dtypes
+        strided = x[: 3 * 2**14].reshape(3, 2**14)[:, ::2]  # any shape and strides
+        assert bf16.round_array(strided).tobytes() == want[: 3 * 2**14].reshape(3, 2**14)[:, ::2].tobytes()
+        assert round_bf16(strided).shape == strided.shape

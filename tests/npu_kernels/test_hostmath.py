@@ -234,3 +234,26 @@ def test_cycles_do_not_depend_on_the_host_copy():
     (r0, l0, t0, *c0), (r1, l1, t1, *c1) = runs
     assert (r0 == r1).all() and (t0 == t1).all() and c0 == c1
     np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-5 * np.abs(l0).max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=ROWS,
+    k=sizes(max_value=100),
+    n=sizes(max_value=100),
+    dtype=st.sampled_from([np.float32, BF16]),
+    seed=seeds,
+)
+def test_geglu_mlp_fast_is_its_parts(m, k, n, dtype, seed):
+    """The GeGLU computed inside the gate and up products' parallel loop (geglu_mlp_fast) gives
+    the bits of the products, then geglu_fast, then the stored h, then the down product."""
+    from npu_emulator import as_stored
+    from npu_kernels.matmul import geglu_fast
+
+    x = arrays((m, k), seed)
+    wg, wu = (held(arrays((k, n), seed + i), dtype, "column") for i in (1, 2))
+    wd = held(arrays((n, k), seed + 3), dtype, "column")
+    for numerics in ("bf16", "fp32"):
+        g, u = hostmath.matmul(x, wg), hostmath.matmul(x, wu)
+        want = hostmath.matmul(as_stored(geglu_fast(g, u), numerics), wd)
+        assert geglu_mlp_fast(x, wg, wu, wd, numerics=numerics).tobytes() == want.tobytes()
