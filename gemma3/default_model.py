@@ -78,7 +78,8 @@ def compiled_default_dir(
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN, npu: str = "atom", cache: str | None = None, log=None
 ) -> str:
     """The default model compiled for ``npu`` and at least ``max_seq_len`` positions, from the
-    cache; compiled (every kernel planned, ~20 s) and saved there on first use.
+    cache; compiled (every kernel planned at every shape a text run reaches, ~30 s) and saved
+    there on first use.
 
     Sizes are rounded up to a power of two from ``DEFAULT_MAX_SEQ_LEN``, so a few compiles
     serve every prompt length, and capped at the model's ``max_position_embeddings``. The
@@ -100,5 +101,6 @@ def compiled_default_dir(
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"compiling the default model for {npu!r}, {size} positions, into {target} (once) ...")
     model = NPUGemma3ForCausalLM.from_pretrained(source, rbln_npu=npu, rbln_max_seq_len=size)
+    model.runtime.plan_every_shape()  # every attention length and chunk, saved: runs trace nothing
     model.save_pretrained(target)  # staged, then renamed into place: a complete save or none
     return target

@@ -585,6 +585,35 @@ class Gemma3OnNPU:
                 dict(scale=c.attention_scale, **consts),
             )
 
+    def plan_every_shape(self) -> None:
+        """Plan every shape a text run can reach, so a saved model traces nothing when it runs
+        (``plan_all`` plans the first and the largest; the default model's compile adds this):
+        the prefill attention at each chunk's start, the cache writes of a last chunk of each
+        length, and the decode attention at each length it reads (whole KV tiles or
+        partitions), per decoder batch size and layer type."""
+        c, chunk = self.c, self.rbln.prefill_chunk_size
+        for q_start in range(0, self.max_seq_len, chunk):
+            self._plan_prefill_attention(chunk, q_start)
+        for i in self._one_layer_per_type():
+            cache = (self.caches[i][0].shape, self.caches[i][0].dtype)
+            for valid in range(1, chunk + 1):
+                new = ((1, valid, c.num_key_value_heads, c.head_dim), cache[1])
+                self._plan(kv_cache_write, [cache, new, ((1, valid, c.num_key_value_heads), "int32")], {})
+        for b in self.rbln.decoder_batch_sizes or []:
+            for i in self._one_layer_per_type():
+                shape, dtype = self.caches[i][0].shape, self.caches[i][0].dtype
+                cache = ((b, *shape[1:]), dtype)
+                slots = shape[2]
+                kernel, consts = self._decode_kernel(i)
+                for length in sorted({self._decode_length(i, r, slots) for r in range(1, slots + 1)}):
+                    signature = [
+                        ((b, c.num_attention_heads, c.head_dim), dtype),
+                        cache,
+                        cache,
+                        ((b, length), self.npu.dtype),
+                    ]
+                    self._plan(kernel, signature, dict(scale=c.attention_scale, **consts))
+
     def _one_layer_per_type(self) -> list[int]:
         return sorted({self.c.layer_types.index(t) for t in set(self.c.layer_types)})
 

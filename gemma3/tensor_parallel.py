@@ -469,6 +469,9 @@ class TensorParallelGemma3(Gemma3OnNPU):
     def _plan_largest_attention(self) -> None:
         self.devices.call("_plan_largest_attention")
 
+    def plan_every_shape(self) -> None:
+        self.devices.call("plan_every_shape")
+
     def _plan_prefill_attention(self, size: int, q_start: int, image_blocks=()) -> None:
         self.devices.call("_plan_prefill_attention", size, q_start, image_blocks)
 

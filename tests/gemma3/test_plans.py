@@ -26,3 +26,29 @@ def test_plans_for_another_chip_are_refused(tmp_path, npu_dict):
     save(tmp_path, npu_dict)
     with pytest.raises(ValueError, match=r"plans.json: plans were made for another chip configuration"):
         load_plans(NPU(TINY), tmp_path)
+
+
+def test_planning_every_shape_leaves_nothing_to_trace(tmp_path):
+    """After ``plan_every_shape`` (the default model's compile), a generate with any prompt
+    length and any number of new tokens plans nothing new, on one device and on two."""
+    import numpy as np
+
+    from gemma3 import NPUGemma3ForCausalLM
+    from tests.gemma3.oracle import tiny_model
+
+    tiny_model(tmp_path, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    for tp in (1, 2):
+        model = NPUGemma3ForCausalLM.from_pretrained(
+            tmp_path,
+            rbln_npu="tiny",
+            rbln_max_seq_len=128,
+            rbln_prefill_chunk_size=64,
+            rbln_tensor_parallel_size=tp,
+        )
+        model.runtime.plan_every_shape()
+        npus = [w.npu for w in model.runtime.devices.workers] if tp > 1 else [model.runtime.npu]
+        planned = [set(npu._plans) for npu in npus]
+        for n, new in ((5, 3), (64, 2), (70, 50), (127, 1)):
+            ids = (np.arange(n) % 290 + 3)[None]
+            model.generate(ids, max_new_tokens=new)
+        assert [set(npu._plans) - p for npu, p in zip(npus, planned)] == [set()] * len(npus)
