@@ -4,8 +4,9 @@
 
 In one process: our ``generate`` (fast mode, the compiled default model from the cache) on a
 prompt of ``--prompt-tokens`` tokens, greedy, ``--new-tokens`` new tokens (EOS ignored), and
-once more on the same prompt (also printed: the first run's host time includes tracing the
-chip's plans for shapes the compiled model had not planned; the ratios are the first run's); then,
+once more on the same prompt (also printed; the ratios are the first run's: a compiled model
+that did not plan a shape the run reaches traces it then, see ``Gemma3OnNPU.plan_every_shape``);
+then,
 when the oracle extra is installed, transformers (fp32, CPU, its default threads) on the same
 converted weights and the same prompt: one forward over the prompt, then one token per step
 with its KV cache, as ``generate`` does inside. Prints host prefill / decode tokens per second
@@ -306,7 +307,7 @@ def report(r: dict) -> None:
         else:
             print(f"{phase:<16}{mine:>10.1f}{hf[f'host_{phase}_tok_s']:>14.1f}{r['ratio'][phase]:>7.2f}x")
     print(
-        f"(ours again on the same prompt, the chip's plans for its shapes traced by the first run: prefill "
+        f"(ours again on the same prompt: prefill "
         f"{o['again_host_prefill_tok_s']:.1f}, decode {o['again_host_decode_tok_s']:.1f} tokens/s)"
     )
     if hf is not None:
