@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from npu_emulator import NPU, DeviceGroup, get_preset
 from npu_kernels.attention_decode import attention_decode, decode_kv_tile
 from npu_kernels.attention_prefill import attention_prefill
-from npu_kernels.collectives import all_gather, all_reduce
+from npu_kernels.collectives import all_gather, all_reduce, fastest_algorithm
 from npu_kernels.embedding import embedding
 from npu_kernels.kvcache import kv_cache_write
 from npu_kernels.lm_head import lm_head
@@ -66,6 +66,7 @@ from npu_kernels.norms import rmsnorm
 from npu_kernels.rope import rope
 
 from .config import FULL, SHAPE_FIELDS, SLIDING, Gemma3TextConfig, RopeParams, read_json, require_fields
+from .runtime import memory_bound
 from .tensor_parallel import plan_shards
 
 # model_type of config.json files costed as Gemma3's kernels with every layer global.
@@ -90,10 +91,9 @@ ROLES = (
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LINEAR = ("qkv_proj", "o_proj", "mlp")
 COLLECTIVES = ("all_reduce", "all_gather")
+
+
 # Binding units of a kernel whose time the memory system sets (else a compute unit does).
-MEMORY_UNITS = ("dram", "shared_sram", "host_link")
-
-
 def read_config(path) -> tuple[Gemma3TextConfig, float, str]:
     """``config.json`` -> (text config, embedding scale, family): Gemma3 (either style, text or
     image+text) as it is; Qwen3 / Llama-style mapped onto the same fields, all layers global."""
@@ -175,8 +175,7 @@ class PhaseEstimate:
         r.flops += times * report.flops
         r.dram_bytes += times * report.dram_bytes
         self.cycles += times * report.cycles
-        unit = report.binding_unit
-        if unit in MEMORY_UNITS or unit.startswith("dma."):
+        if memory_bound(report):
             self.memory_cycles += times * report.cycles
         else:
             self.compute_cycles += times * report.cycles
@@ -506,9 +505,7 @@ class _Planner:
         if self.group is None:
             return
         sig = [[(shape, dtype or self.dt)] * self.group.num_devices]
-        algorithms = ("ring", "tree") if self.group.link.topology == "switch" else ("ring",)
-        reports = [self.group.plan(kernel, sig, {"algorithm": a}).report for a in algorithms]
-        phase.add_collective(role, min(reports, key=lambda r: r.cycles), times)
+        phase.add_collective(role, fastest_algorithm(self.group, kernel, sig)[1], times)
 
     def layer(self, phase, i, t, attend, times):
         """One decoder layer on t rows, as ``Gemma3OnNPU._layer``; ``attend`` adds the attention."""

@@ -130,6 +130,9 @@ def config_class(cls):
     return cls
 
 
+BACKENDS = ("local", "ray")  # where tensor-parallel devices run (gemma3/tensor_parallel.py)
+
+
 @config_class
 class NPUModelConfig:
     """Fields every model shares (Optimum RBLN's ``RBLNModelConfig``, plus the emulator's
@@ -167,7 +170,7 @@ class NPUModelConfig:
             raise ValueError(f"numerics must be 'bf16' or 'fp32', got {self.numerics!r}")
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         _positive_int("num_devices", self.num_devices)
-        if self.backend is not None and self.backend not in ("local", "ray"):
+        if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if self.tensor_parallel_size and self.num_devices and self.tensor_parallel_size != self.num_devices:
             raise ValueError(

@@ -321,12 +321,15 @@ class Gemma3OnNPU:
         )
 
     def _logits(self, phase, x_last):
-        h = self._run(phase, rmsnorm, x_last, self.weights["norm"], eps=self.c.rms_norm_eps)
+        return self._lm_head(phase, x_last)[0]
+
+    def _lm_head(self, phase, x_last):
+        """The final norm and the LM head: (logits, each row's argmax id)."""
         w = self.weights
-        logits, _ = self._run(
+        h = self._run(phase, rmsnorm, x_last, w["norm"], eps=self.c.rms_norm_eps)
+        return self._run(
             phase, lm_head, h, w["lm_head"], w["vocab_ids"], softcap=self.c.final_logit_softcapping
         )
-        return logits
 
     def _embed(self, phase, ids):
         return self._run(
@@ -415,22 +418,27 @@ class Gemma3OnNPU:
             hidden_states.extend(np.concatenate(rows) for rows in layers)
         return logits
 
+    def _prefill_consts(self, i: int, q_start: int, batch: int, image_blocks=()) -> dict:
+        """The prefill attention's consts on layer i (run and planned alike: the plan is found
+        by them)."""
+        consts = dict(
+            q_start=q_start,
+            scale=self.c.attention_scale,
+            window=self.window if self.c.is_sliding(i) else None,
+            ring=self.ring(i),
+            batch=batch,
+        )
+        if image_blocks:
+            consts["image_blocks"] = image_blocks
+        return consts
+
     def _chunk_attention(self, phase, b, start, valid, positions, blocks):
         """The ``attend(i, q, k, v)`` of one prefill chunk of sequence ``b``: the attention kernel
         over the chunk and the cache, then the chunk's valid keys and values into the cache."""
-        c = self.c
 
         def attend(i, q, k, v):
             k_cache, v_cache = self.caches[i]
-            consts = dict(
-                q_start=start,
-                scale=c.attention_scale,
-                window=self.window if c.is_sliding(i) else None,
-                ring=self.ring(i),
-                batch=b,
-            )
-            if blocks:
-                consts["image_blocks"] = blocks
+            consts = self._prefill_consts(i, start, b, blocks)
             out = self._run(phase, attention_prefill, q, k, v, k_cache, v_cache, **consts)
             self._write_cache(phase, i, b, k[None, :valid], v[None, :valid], positions[None, :valid])
             return out.reshape(q.shape[0], -1)
@@ -566,24 +574,25 @@ class Gemma3OnNPU:
             step()
 
     def _plan_largest_attention(self) -> None:
-        c = self.c
         chunk = self.rbln.prefill_chunk_size
         self._plan_prefill_attention(chunk, (self.max_seq_len - 1) // chunk * chunk)
         for b, i in ((b, i) for b in self.rbln.decoder_batch_sizes or [] for i in self._one_layer_per_type()):
-            cache = ((b, *self.caches[i][0].shape[1:]), self.caches[i][0].dtype)
-            slots = cache[0][2]
-            kernel, consts = self._decode_kernel(i)
-            self._plan(
-                kernel,
-                [
-                    ((b, c.num_attention_heads, c.head_dim), cache[1]),
-                    cache,
-                    cache,
-                    # The mask as decode uploads it (float arrays go up in the device dtype).
-                    ((b, math.ceil(slots / self.kv_tile) * self.kv_tile), self.npu.dtype),
-                ],
-                dict(scale=c.attention_scale, **consts),
-            )
+            slots = self.caches[i][0].shape[2]
+            self._plan_decode_attention(b, i, math.ceil(slots / self.kv_tile) * self.kv_tile)
+
+    def _plan_decode_attention(self, b: int, i: int, length: int) -> None:
+        """Plan layer i's decode attention for the decoder of ``b`` rows reading ``length`` slots."""
+        c = self.c
+        shape, dtype = self.caches[i][0].shape, self.caches[i][0].dtype
+        cache = ((b, *shape[1:]), dtype)
+        kernel, consts = self._decode_kernel(i)
+        signature = [
+            ((b, c.num_attention_heads, c.head_dim), dtype),
+            cache,
+            cache,
+            ((b, length), self.npu.dtype),  # the mask as decode uploads it (floats: the device dtype)
+        ]
+        self._plan(kernel, signature, dict(scale=c.attention_scale, **consts))
 
     def plan_every_shape(self) -> None:
         """Plan every shape a text run can reach, so a saved model traces nothing when it runs
@@ -601,18 +610,9 @@ class Gemma3OnNPU:
                 self._plan(kv_cache_write, [cache, new, ((1, valid, c.num_key_value_heads), "int32")], {})
         for b in self.rbln.decoder_batch_sizes or []:
             for i in self._one_layer_per_type():
-                shape, dtype = self.caches[i][0].shape, self.caches[i][0].dtype
-                cache = ((b, *shape[1:]), dtype)
-                slots = shape[2]
-                kernel, consts = self._decode_kernel(i)
+                slots = self.caches[i][0].shape[2]
                 for length in sorted({self._decode_length(i, r, slots) for r in range(1, slots + 1)}):
-                    signature = [
-                        ((b, c.num_attention_heads, c.head_dim), dtype),
-                        cache,
-                        cache,
-                        ((b, length), self.npu.dtype),
-                    ]
-                    self._plan(kernel, signature, dict(scale=c.attention_scale, **consts))
+                    self._plan_decode_attention(b, i, length)
 
     def _one_layer_per_type(self) -> list[int]:
         return sorted({self.c.layer_types.index(t) for t in set(self.c.layer_types)})
@@ -625,15 +625,7 @@ class Gemma3OnNPU:
         for i in self._one_layer_per_type():
             k_cache = self.caches[i][0]
             cache = (k_cache.shape, k_cache.dtype)
-            consts = dict(
-                q_start=q_start,
-                scale=c.attention_scale,
-                window=self.window if c.is_sliding(i) else None,
-                ring=self.ring(i),
-                batch=0,
-            )
-            if image_blocks:
-                consts["image_blocks"] = image_blocks
+            consts = self._prefill_consts(i, q_start, 0, image_blocks)
             new = ((size, hkv, hd), k_cache.dtype)
             self._plan(attention_prefill, [((size, hq, hd), k_cache.dtype), new, new, cache, cache], consts)
 

@@ -47,15 +47,13 @@ import numpy as np
 
 from npu_emulator import NPU, DeviceGroup
 from npu_emulator.trace import write_group_sequence_trace
-from npu_kernels.collectives import all_gather, all_reduce
+from npu_kernels.collectives import all_gather, all_reduce, fastest_algorithm
 from npu_kernels.common import chunks
-from npu_kernels.lm_head import lm_head
-from npu_kernels.norms import rmsnorm
 
 from .config import Gemma3TextConfig
+from .rbln_config import BACKENDS
 from .runtime import IMAGE_PREFILL, Gemma3OnNPU, PhaseCost
 
-BACKENDS = ("local", "ray")
 RAY_EXTRA = "pip install 'npu-gemma3[ray]'"
 
 
@@ -245,11 +243,7 @@ class ShardWorker(Gemma3OnNPU):
         return self._residual(phase, i, x, m)
 
     def _part_logits(self, phase, x_last):
-        w = self.weights
-        h = self._run(phase, rmsnorm, x_last, w["norm"], eps=self.c.rms_norm_eps)
-        return self._run(
-            phase, lm_head, h, w["lm_head"], w["vocab_ids"], softcap=self.c.final_logit_softcapping
-        )
+        return self._lm_head(phase, x_last)
 
     def call(self, method: str, *args):
         """A method that adds no cost (planning, reset, export)."""
@@ -344,8 +338,6 @@ class TensorParallelGemma3(Gemma3OnNPU):
     Prefill and decode are ``Gemma3OnNPU``'s; the embedding, each layer's parts, the logits
     and the planning fan out to the devices, with the collectives between them."""
 
-    valid_rows_only = True
-
     def __init__(self, config: Gemma3TextConfig, rbln, weights: dict[str, np.ndarray]):
         tp = rbln.devices
         if rbln.lora_config is not None:
@@ -372,7 +364,6 @@ class TensorParallelGemma3(Gemma3OnNPU):
         self.padded_rows = None
         self.host_decode = None
         self.partition = None
-        self._algorithms: dict = {}
 
     @property
     def backend(self) -> str:
@@ -407,23 +398,15 @@ class TensorParallelGemma3(Gemma3OnNPU):
         shape = parts[0].shape
         if self.padded_rows is not None:  # valid rows of a padded chunk: cost the chunk's rows
             shape = (self.padded_rows, *shape[1:])
-        key = (kernel.name, shape, dtype)
-        algorithm = self._algorithms.get(key)
-        if algorithm is None:
-            sig = [[(shape, dtype)] * group.num_devices]
-            algorithms = ("ring", "tree") if group.link.topology == "switch" else ("ring",)
-            plans = {a: group.plan(kernel, sig, {"algorithm": a}).report for a in algorithms}
-            algorithm = min(algorithms, key=lambda a: plans[a].cycles)
-            self._algorithms[key] = algorithm, plans[algorithm]
-        else:
-            algorithm, report = algorithm
+        algorithm, planned = fastest_algorithm(group, kernel, [[(shape, dtype)] * group.num_devices])
         held = group.shard(parts, dtype, name=kernel.name)
         try:
             out, ran = group.run(kernel, held, algorithm=algorithm)
         finally:
             for t in held:
                 t.npu.free(t)
-        self.cost[phase].add_collective(self._algorithms[key][1] if self.padded_rows is not None else ran)
+        # The run's report, unless it ran fewer rows than the chip's padded chunk.
+        self.cost[phase].add_collective(ran if self.padded_rows is None else planned)
         return out
 
     def _embed(self, phase, ids):

@@ -370,6 +370,16 @@ all_gather = GroupKernel("all_gather", all_gather_emit, all_gather_reference, al
 # ------------------------------------------------------------------------- cost model
 
 
+def fastest_algorithm(group, kernel: GroupKernel, signature) -> tuple[str, object]:
+    """The algorithm of ``kernel`` on ``group`` whose plan at ``signature`` (per input, per
+    device (shape, dtype)) is the shortest, and that plan's ``GroupReport``: the ring, or the
+    tree too where the topology is a switch (as NCCL picks by size)."""
+    algorithms = ("ring", "tree") if group.link.topology == "switch" else ("ring",)
+    reports = {a: group.plan(kernel, signature, {"algorithm": a}).report for a in algorithms}
+    best = min(algorithms, key=lambda a: reports[a].cycles)
+    return best, reports[best]
+
+
 def ring_all_reduce_cycles(link, n: int, nbytes: float, add_cycles: float) -> float:
     """The ring all-reduce's time when its sends never wait for DRAM: 2 (N - 1) sends of one
     chunk (nbytes / N) each, latency then bytes at the link bandwidth, and N - 1 chunk
