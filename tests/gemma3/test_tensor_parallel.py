@@ -21,13 +21,15 @@ from gemma3.estimate import estimate
 from gemma3.rbln_config import NPUGemma3ForConditionalGenerationConfig
 from gemma3.runtime import Gemma3OnNPU
 from gemma3.tensor_parallel import plan_shards, shard_weights, unshard_weights
+from gemma3.weights import expected_shapes
 from npu_emulator import AllocationError, get_preset
 from tests.gemma3.oracle import tiny_model
 from tests.gemma3.test_model import oracle_logits, prompt
 
 TOL = 1e-5
 NEW = 8
-RBLN = dict(rbln_npu="tiny", rbln_numerics="fp32", rbln_prefill_chunk_size=64, rbln_max_seq_len=128)
+TINY = dict(rbln_npu="tiny", rbln_max_seq_len=128, rbln_prefill_chunk_size=64)
+RBLN = dict(TINY, rbln_numerics="fp32")
 TWO_LAYERS = {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
 
 
@@ -81,23 +83,7 @@ def test_every_query_head_is_on_one_device_and_reads_its_own_kv_head(hq, hkv, tp
 def test_shards_join_back_into_the_weights(hq, hkv, tp):
     c = text_config(hq, hkv, hidden_size=48)
     rng = np.random.default_rng(0)
-    shapes = {
-        "embed_tokens.weight": (c.vocab_size, c.hidden_size),
-        "norm.weight": (c.hidden_size,),
-    }
-    for i in range(c.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (hq * c.head_dim, c.hidden_size)
-        for n in ("k", "v"):
-            shapes[p + f"self_attn.{n}_proj.weight"] = (hkv * c.head_dim, c.hidden_size)
-        shapes[p + "self_attn.o_proj.weight"] = (c.hidden_size, hq * c.head_dim)
-        for n in ("gate", "up"):
-            shapes[p + f"mlp.{n}_proj.weight"] = (c.intermediate_size, c.hidden_size)
-        shapes[p + "mlp.down_proj.weight"] = (c.hidden_size, c.intermediate_size)
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
-            shapes[p + n + ".weight"] = (c.hidden_size,)
-        shapes[p + "post_feedforward_layernorm.weight"] = (c.hidden_size,)
-        shapes[p + "self_attn.q_norm.weight"] = shapes[p + "self_attn.k_norm.weight"] = (c.head_dim,)
+    shapes = expected_shapes(c)
     tensors = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     w = Gemma3OnNPU.device_weights(c, tensors.__getitem__)
     shards = plan_shards(c, tp)
@@ -209,7 +195,7 @@ def gqa_dir(tmp_path_factory):
 
 def test_cycles_equal_the_estimate_and_tile_equals_fast(gqa_dir):
     ids = (np.arange(70) % 290 + 3)[None].repeat(2, 0)
-    rbln = dict(rbln_npu="tiny", rbln_max_seq_len=128, rbln_batch_size=2, rbln_prefill_chunk_size=64)
+    rbln = dict(TINY, rbln_batch_size=2)
     workload = dict(batch=2, prompt_tokens=70, new_tokens=4, chunk=64, max_seq_len=128)
     results = {}
     for mode in ("fast", "tile"):
@@ -233,9 +219,7 @@ def test_an_uneven_split_costs_what_the_estimate_plans(tmp_path):
     ids = (np.arange(70) % 290 + 3)[None]
     model = NPUGemma3ForCausalLM.from_pretrained(
         tmp_path,
-        rbln_npu="tiny",
-        rbln_max_seq_len=128,
-        rbln_prefill_chunk_size=64,
+        **TINY,
         rbln_tensor_parallel_size=3,
     )
     model.generate(ids, max_new_tokens=3)
@@ -256,9 +240,7 @@ def test_an_uneven_split_costs_what_the_estimate_plans(tmp_path):
 def test_ray_backend_gives_the_same_tokens_and_cycles(gqa_dir, tmp_path):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     ids = prompt(20)[None]
-    rbln = dict(
-        rbln_npu="tiny", rbln_max_seq_len=128, rbln_prefill_chunk_size=64, rbln_tensor_parallel_size=2
-    )
+    rbln = dict(**TINY, rbln_tensor_parallel_size=2)
     local = NPUGemma3ForCausalLM.from_pretrained(gqa_dir, **rbln)
     remote = NPUGemma3ForCausalLM.from_pretrained(gqa_dir, **rbln, rbln_backend="ray")
     assert remote.runtime.backend == "ray"
@@ -273,7 +255,7 @@ def test_ray_backend_gives_the_same_tokens_and_cycles(gqa_dir, tmp_path):
 
 def test_saved_at_tp2_loads_at_any_tp(gqa_dir, tmp_path):
     ids = prompt(30)[None]
-    rbln = dict(rbln_npu="tiny", rbln_max_seq_len=128, rbln_prefill_chunk_size=64)
+    rbln = TINY
     two = NPUGemma3ForCausalLM.from_pretrained(gqa_dir, **rbln, rbln_tensor_parallel_size=2)
     want = two.generate(ids, max_new_tokens=6)
     two.save_pretrained(tmp_path / "c")
@@ -358,9 +340,7 @@ def test_cli_tp_prints_the_split(tmp_path):
 def test_the_trace_shows_every_device_and_the_links(gqa_dir, tmp_path):
     model = NPUGemma3ForCausalLM.from_pretrained(
         gqa_dir,
-        rbln_npu="tiny",
-        rbln_max_seq_len=128,
-        rbln_prefill_chunk_size=64,
+        **TINY,
         rbln_tensor_parallel_size=2,
     )
     model.generate(prompt(20)[None], max_new_tokens=3)
