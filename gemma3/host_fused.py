@@ -22,7 +22,7 @@ so that every value is the same:
   (columns of a product, blocks of slots of the scores, query heads), never parts of one sum.
   The row maximum of the softmax is taken per block of slots and then over the blocks: a
   maximum does not depend on the order (NaN scores aside).
-* **The same elementwise code**: the expressions of rope, GeGLU (``_gelu32``) and the
+* **The same elementwise code**: the expressions of rope, GeGLU (``gelu_tanh32``) and the
   softmax's ``exp`` are those of the kernels, compiled by Numba without fast-math (no fused
   multiply-add, no reassociation).
 
@@ -45,9 +45,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from npu_emulator.bf16 import round_value as round_bf16
+from npu_emulator.fixedmath import exp32, gelu_tanh32
 from npu_kernels.attention_decode import NEG
 from npu_kernels.hostmath import _F32, _I32, _I64, LANES, _mm_columns
-from npu_kernels.matmul import _gelu32
 
 SLOTS = 32  # cache slots per parallel block of scores
 
@@ -205,7 +205,7 @@ def _attend(t, s, top, v_cache, hkv, hd, bf16, out):
     total = np.float32(0.0)
     acc = np.zeros(hd, np.float32)
     for j in range(length):
-        p = np.exp(s[b, h, j] - m)
+        p = exp32(s[b, h, j] - m)
         total += p
         if p != 0.0:
             for d in range(hd):
@@ -243,7 +243,7 @@ def _add_norm(x, y, w1, eps, bf16, tmp):
 def _geglu(g, u, h, n0, n1, bf16):
     for m in range(g.shape[0]):
         for c in range(n0, n1):
-            h[m, c] = round_bf16(_gelu32(g[m, c]) * u[m, c], bf16)
+            h[m, c] = round_bf16(gelu_tanh32(g[m, c]) * u[m, c], bf16)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

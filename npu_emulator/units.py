@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import NPUConfig
 from .errors import DTypeMismatchError, OperandShapeError
+from .fixedmath import exp32_array, gelu_tanh32_array, tanh32_array
 
 FLOAT_DTYPES = ("bf16", "fp32")
 
@@ -35,17 +36,13 @@ VECTOR_UNARY = {
 REDUCE = {"sum": np.sum, "max": np.max, "min": np.min, "argmax": np.argmax}
 
 
-def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + 0.044715 * x**3)))
-
-
 # Special-function unit: func(src * scale + bias).
 SFU = {
-    "exp": np.exp,
-    "tanh": np.tanh,
-    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-    "gelu_tanh": _gelu_tanh,
+    "exp": exp32_array,
+    "tanh": tanh32_array,
+    "sigmoid": lambda x: 1.0 / (1.0 + exp32_array(-x)),
+    "silu": lambda x: x / (1.0 + exp32_array(-x)),
+    "gelu_tanh": gelu_tanh32_array,
     "rsqrt": lambda x: 1.0 / np.sqrt(x),
     "sqrt": np.sqrt,
     "reciprocal": lambda x: 1.0 / x,

@@ -72,6 +72,7 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.fixedmath import exp32
 from npu_emulator.memory import itemsize
 from npu_emulator.program import ceil_div, tiles
 
@@ -124,7 +125,7 @@ def _decode_heads(q, k_cache, v_cache, mask, scale, out):
         total = np.float32(0.0)
         acc = np.zeros(hd, np.float32)
         for j in range(big_l):
-            p = np.exp(s[j] - m)
+            p = exp32(s[j] - m)
             total += p
             if p != 0.0:
                 for d in range(hd):

@@ -46,6 +46,7 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.fixedmath import exp32
 
 from .attention_decode import NEG, attention_decode_emit, decode_kv_tile
 
@@ -95,13 +96,13 @@ def _flash_heads(q, k_cache, v_cache, mask, scale, partition, out):
             part = np.float32(0.0)
             o[:] = 0.0
             for j in range(partition):
-                p = np.exp(s[j] - m)
+                p = exp32(s[j] - m)
                 part += p
                 if p != 0.0:
                     for d in range(hd):
                         o[d] += p * v_cache[b, g, j0 + j, d]
             new_m = max(big_m, m)
-            a, c = np.exp(big_m - new_m), np.exp(m - new_m)
+            a, c = exp32(big_m - new_m), exp32(m - new_m)
             total = total * a + part * c
             for d in range(hd):
                 acc[d] = acc[d] * a + o[d] * c

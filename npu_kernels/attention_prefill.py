@@ -98,6 +98,7 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.fixedmath import exp32
 from npu_emulator.memory import itemsize
 from npu_emulator.program import KernelContext, ceil_div, tiles
 
@@ -320,11 +321,11 @@ def needed_dram_bytes(geo: Geometry) -> int:
 # --------------------------------------------------------------------------- fast
 
 
-@numba.njit(cache=True)  # one thread: see npu_kernels/hostmath.py
+@numba.njit(parallel=True, cache=True)  # rows on Numba's threads (npu_kernels/hostmath.py)
 def _masked_softmax(s, G, q_start, key_pos, key_blk, q_blk, window, scale):
     """In place: s (T * G, n) raw scores, row t * G + g -> softmax over the visible keys."""
     rows, n = s.shape
-    for r in range(rows):
+    for r in numba.prange(rows):
         t = r // G
         qp = q_start + t
         m = -np.inf
@@ -338,11 +339,11 @@ def _masked_softmax(s, G, q_start, key_pos, key_blk, q_blk, window, scale):
                     m = x
             else:
                 s[r, j] = -np.inf
+        for j in range(n):  # (vectorised: no call, no sum in this loop)
+            s[r, j] = exp32(s[r, j] - m)
         total = np.float32(0.0)
         for j in range(n):
-            e = np.float32(np.exp(s[r, j] - m))
-            s[r, j] = e
-            total += e
+            total += s[r, j]
         inv = np.float32(1.0) / total
         for j in range(n):
             s[r, j] *= inv

@@ -29,8 +29,12 @@ x86-64 host. Three things matter:
   two cores wait on each other's spinning (a decode step of a few hundred small calls went
   from ~30 ms to over 800 ms that way on the default model). Products run on Numba's threads,
   over blocks of output columns (the GeGLU MLP's activation inside its gate and up products'
-  loop, ``npu_kernels/mlp.py``), as does the bf16 rounding of large arrays
-  (``npu_emulator/bf16.py``); the other elementwise kernels run on the calling thread.
+  loop, ``npu_kernels/mlp.py``), as do the bf16 rounding of large arrays
+  (``npu_emulator/bf16.py``), RMSNorm's rows and the prefill softmax's rows; the other
+  elementwise kernels run on the calling thread.
+* **No library calls in the elementwise maths.** exp, tanh and GELU are fixed sequences of fp32
+  operations (``npu_emulator/fixedmath.py``), not the C library's: the same bits on any host,
+  and loops around them vectorise.
 * **Weight bytes.** Decoding streams every weight once per token. Weights may be held in
   bfloat16 (what the chip stores; exact under bf16 numerics) and are widened to fp32 in
   registers (the fp32 word's upper half), ``LANES`` at a time: half the memory traffic of fp32

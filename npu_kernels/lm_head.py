@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.fixedmath import tanh32_array
 from npu_emulator.memory import itemsize
 from npu_emulator.program import ceil_div, tiles
 
@@ -68,7 +69,7 @@ def lm_head_fast(x, w, vocab_ids=None, *, softcap: float | None = None, **_):
     _check(x.shape, w.shape, None if vocab_ids is None else vocab_ids.shape)
     logits = hostmath.matmul(x, w)  # w as held: fp32 or bf16, C-ordered or column-major
     if softcap is not None:  # as the SFU does it: tanh(l * (1 / softcap)), then * softcap
-        logits = np.tanh(logits * np.float32(1.0 / softcap)) * np.float32(softcap)
+        logits = tanh32_array(logits * np.float32(1.0 / softcap)) * np.float32(softcap)
     idx = np.argmax(logits, axis=-1)
     ids = np.arange(w.shape[1], dtype=np.int32) if vocab_ids is None else vocab_ids
     return logits, np.asarray(ids)[idx].astype(np.int32)

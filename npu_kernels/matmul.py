@@ -67,6 +67,7 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.fixedmath import gelu_tanh32
 from npu_emulator.memory import DRAM, SHARED, Buffer
 from npu_emulator.program import KernelContext, ceil_div, tiles
 from npu_emulator.units import SFU
@@ -106,12 +107,6 @@ def linear_reference(
     return _activation_reference(z, activation)
 
 
-@numba.njit(inline="always")
-def _gelu32(v):
-    inner = np.float32(SQRT_2_OVER_PI) * (v + np.float32(0.044715) * v * v * v)
-    return np.float32(0.5) * v * (np.float32(1.0) + np.tanh(inner))
-
-
 @numba.njit(cache=True)  # one thread: see npu_kernels/hostmath.py
 def _bias_gelu_rows(y, bias, gelu):
     """In place: ``y[r, c] = gelu?(y[r, c] + bias[c])``, fp32, rows in parallel."""
@@ -119,7 +114,7 @@ def _bias_gelu_rows(y, bias, gelu):
     for r in range(rows):
         for c in range(cols):
             v = y[r, c] + bias[c]
-            y[r, c] = _gelu32(v) if gelu else v
+            y[r, c] = gelu_tanh32(v) if gelu else v
 
 
 @numba.njit(cache=True)  # one thread: see npu_kernels/hostmath.py
@@ -128,7 +123,7 @@ def _geglu_rows(g, u, out):
     rows, cols = g.shape
     for r in range(rows):
         for c in range(cols):
-            out[r, c] = _gelu32(g[r, c]) * u[r, c]
+            out[r, c] = gelu_tanh32(g[r, c]) * u[r, c]
 
 
 def bias_activation_fast(y: np.ndarray, bias, activation: str | None) -> np.ndarray:

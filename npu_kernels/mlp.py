@@ -49,6 +49,7 @@ import numpy as np
 
 from npu_emulator import Kernel, KernelError, NPUConfig, as_stored
 from npu_emulator.bf16 import round_value
+from npu_emulator.fixedmath import gelu_tanh32
 from npu_emulator.program import ceil_div, tiles
 
 from . import hostmath
@@ -58,7 +59,6 @@ from .matmul import (
     Epilogue,
     Job,
     Tiling,
-    _gelu32,
     bias_activation_fast,
     build_job,
     choose_tiling,
@@ -82,6 +82,9 @@ def siglip_mlp_reference(x, w1, b1, w2, b2, **_) -> np.ndarray:
     return h @ w2.astype(np.float64) + b2.astype(np.float64)
 
 
+STRIP = 16  # columns of gate and up computed, then activated, while they are in L1
+
+
 @numba.njit(parallel=True, cache=True)
 def _geglu_columns(a, wg, wu, h, block, bf16):
     """h = gelu_tanh(a @ wg.T) * (a @ wu.T), rounded to bf16 when ``bf16`` (``as_stored``):
@@ -91,12 +94,13 @@ def _geglu_columns(a, wg, wu, h, block, bf16):
     g = np.empty_like(h)
     u = np.empty_like(h)
     for b in numba.prange((n + block - 1) // block):
-        n0, n1 = b * block, min(n, (b + 1) * block)
-        hostmath._mm_columns(a, wg, g, n0, n1)
-        hostmath._mm_columns(a, wu, u, n0, n1)
-        for m in range(a.shape[0]):
-            for c in range(n0, n1):
-                h[m, c] = round_value(_gelu32(g[m, c]) * u[m, c], bf16)
+        for n0 in range(b * block, min(n, (b + 1) * block), STRIP):
+            n1 = min(n, (b + 1) * block, n0 + STRIP)
+            hostmath._mm_columns(a, wg, g, n0, n1)
+            hostmath._mm_columns(a, wu, u, n0, n1)
+            for m in range(a.shape[0]):
+                for c in range(n0, n1):
+                    h[m, c] = round_value(gelu_tanh32(g[m, c]) * u[m, c], bf16)
 
 
 def geglu_mlp_fast(x, w_gate, w_up, w_down, *, numerics: str = "fp32", **_) -> np.ndarray:

@@ -44,10 +44,10 @@ def rmsnorm_reference(x: np.ndarray, w: np.ndarray, *, eps: float = 1e-6) -> np.
     return y.reshape(x.shape)
 
 
-@numba.njit(cache=True)  # one thread: see npu_kernels/hostmath.py
+@numba.njit(parallel=True, cache=True)  # rows on Numba's threads (npu_kernels/hostmath.py)
 def _rmsnorm_rows(x, w1, eps, out):
     rows, width = x.shape
-    for r in range(rows):
+    for r in numba.prange(rows):
         acc = np.float32(0.0)
         for c in range(width):
             acc += x[r, c] * x[r, c]

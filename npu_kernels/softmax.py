@@ -38,6 +38,7 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.fixedmath import exp32
 from npu_emulator.memory import itemsize
 from npu_emulator.program import KernelContext, ceil_div, tiles
 
@@ -60,7 +61,7 @@ def _softmax_rows(x, out):
                 m = x[r, c]
         s = 0.0  # float64 accumulator: a 262144-term sum stays exact to fp32 rounding
         for c in range(cols):
-            v = np.exp(x[r, c] - m)
+            v = exp32(x[r, c] - m)
             out[r, c] = v
             s += v
         inv = np.float32(1.0 / s)

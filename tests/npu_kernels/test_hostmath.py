@@ -85,6 +85,7 @@ TARGET_SCRIPT = textwrap.dedent(
     from npu_kernels import hostmath
     from npu_kernels.attention_prefill import attention_prefill_fast
     from npu_kernels.mlp import geglu_mlp_fast
+    from tests.npu_emulator.test_fixedmath import SPECIAL, jitted, sweep
     from tests.strategies import arrays
 
     @numba.njit
@@ -103,6 +104,8 @@ TARGET_SCRIPT = textwrap.dedent(
     outs.append(geglu_mlp_fast(x, *ws, numerics="bf16"))
     q, kv, cache = arrays((7, 4, 32), 5), arrays((7, 2, 32), 6), arrays((1, 2, 16, 32), 7)
     outs.append(attention_prefill_fast(q, kv, kv, cache, cache, q_start=3, scale=0.2))
+    for which in (0, 1, 2):  # exp, tanh, GELU (npu_emulator/fixedmath.py)
+        outs.append(jitted(which, np.concatenate([sweep(104.0, 4099), SPECIAL])))
     print("ymm" in asm or "zmm" in asm)
     print(b"".join(o.astype(np.float32).tobytes() for o in outs).hex())
     """
@@ -125,7 +128,8 @@ def run_target(tmp_path, cpu_name):
 
 def test_the_same_bits_on_a_generic_x86_64_target_and_on_this_cpu(tmp_path):
     """Numba compiled for a generic x86-64 (SSE2: 4-lane vectors, no FMA) and for this CPU
-    (AVX2 or AVX-512: 8 or 16 lanes) give the same bits: products, the MLP and attention."""
+    (AVX2 or AVX-512: 8 or 16 lanes) give the same bits: products, the MLP and attention, exp,
+    tanh and GELU."""
     generic_wide, generic = run_target(tmp_path, "generic")
     host_wide, host = run_target(tmp_path, None)
     assert not generic_wide  # the generic target really used no wider vectors
