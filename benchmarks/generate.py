@@ -20,7 +20,9 @@ greedy decoding on the same GGUF, as shipped (Q4_K_M) and converted to BF16 by l
 quantize (cached beside the GGUF), 2 threads; without it those rows are skipped, saying so.
 Also the machine's read bandwidth (a 2-thread Numba read of a 512 MB array, best of 3) beside
 our decode's achieved weight bytes per second: the bytes of every matrix a decode step streams
-(as held on the host: bf16 under bf16 numerics) times decode steps per second.
+(as held on the host: bf16 under bf16 numerics; greedy steps that return no logits read the LM
+head's int8 screen instead of its bf16 matrix, ``npu_kernels.lm_head.ArgmaxScreen``) times
+decode steps per second.
 
 Measured side by side in one run on purpose: these machines are shared and noisy.
 """
@@ -92,9 +94,12 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 3) -> float:
 
 
 def streamed_bytes(model) -> int:
-    """Bytes of the matrices a decode step streams, as the host holds them."""
+    """Bytes of the matrices a decode step streams, as the host holds them: on the host decode
+    path, the LM head's int8 screen where greedy steps used it instead of its bf16 matrix."""
     from gemma3.runtime import is_matrix
 
+    if model.runtime.host_decode is not None:
+        return model.runtime.host_decode.streamed_bytes()
     return sum(t.numpy().nbytes for name, t in model.runtime.weights.items() if is_matrix(name))
 
 

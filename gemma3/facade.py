@@ -468,8 +468,26 @@ class NPUGemma3PreTrainedModel:
             timer["steps"] += 1
             return logits
 
+        def decode_top(tokens):  # the argmax alone (no logits returned, none processed)
+            t = time.perf_counter()
+            full = np.zeros(decoder_batch, np.int64)
+            full[:batch] = tokens
+            top = rt.decode_top(full)[:batch]
+            timer["decode"] += time.perf_counter() - t
+            timer["steps"] += 1
+            return top
+
         sample = torch_sampler() if kind == "torch" and settings.seed is None else None
-        sequences, raw_logits, scores = generate_loop(prefill, decode, ids, mask, settings, streamer, sample)
+        sequences, raw_logits, scores = generate_loop(
+            prefill,
+            decode,
+            ids,
+            mask,
+            settings,
+            streamer,
+            sample,
+            None if settings.logits_returned() else decode_top,
+        )
         prompt_tokens, new_tokens = int(lengths.sum()), timer["steps"] * batch
         if report is not None:
             self.last_report = report(prompt_tokens, new_tokens, timer)

@@ -228,6 +228,25 @@ class GenerationSettings:
             return int(self.max_new_tokens)
         return max(0, (self.max_length or 20) - prompt_len)
 
+    def logits_returned(self) -> bool:
+        """Whether ``generate`` returns the logits or scores of its steps."""
+        return self.return_dict_in_generate and (self.output_logits or self.output_scores)
+
+    def plain_argmax(self, length: int, prompt_len: int) -> bool:
+        """Whether choosing the token after ``length`` tokens (prompt width ``prompt_len``
+        included) is the argmax of the logits as they are: greedy, and no processor acts."""
+        return (
+            not self.do_sample
+            and self.repetition_penalty == 1.0
+            and self.no_repeat_ngram_size == 0
+            and self.bad_words_ids is None
+            and length >= self.min_total_length(prompt_len)
+            and not self.remove_invalid_values
+            and self.suppress_tokens is None
+            and (self.begin_suppress_tokens is None or length != prompt_len)
+            and not self.renormalize_logits
+        )
+
     def min_total_length(self, prompt_len: int) -> int:
         """The length (prompt with its padding + new tokens) below which eos is suppressed."""
         if self.min_new_tokens is not None:
@@ -509,11 +528,15 @@ def generate_loop(
     s: GenerationSettings,
     streamer=None,
     sample=None,
+    decode_top=None,
 ):
     """Run prefill once and decode until every sequence ended or the budget is spent. ``sample(scores (B, V))
-    -> tokens (B,)`` draws when sampling (default: ``numpy_sampler(s.seed)``).
+    -> tokens (B,)`` draws when sampling (default: ``numpy_sampler(s.seed)``). ``decode_top(tokens) -> next
+    tokens (B,)`` (optional), a decode step giving only its logits' argmax, runs instead of ``decode`` where
+    the next choice is exactly that (``s.plain_argmax``); the caller passes it only when no logits are returned.
 
-    Returns (sequences (B, T + n) int64, raw logits per step, processed scores per step)."""
+    Returns (sequences (B, T + n) int64, raw logits per step, processed scores per step; None for the steps
+    ``decode_top`` ran)."""
     batch, prompt_len = input_ids.shape
     n_new = s.new_tokens(prompt_len)
     sample = sample if sample is not None else numpy_sampler(s.seed)
@@ -529,8 +552,12 @@ def generate_loop(
     if streamer is not None:
         streamer.put(input_ids.astype(np.int64))
     logits = prefill(input_ids, attention_mask) if n_new > 0 else None
+    top = None  # the next tokens, when decode_top gave them
     for step in range(n_new):
-        tokens, processed = choose(sequences[:, :length], logits, s, sample, prompt_len, ignore)
+        if top is None:
+            tokens, processed = choose(sequences[:, :length], logits, s, sample, prompt_len, ignore)
+        else:
+            tokens, processed = top, None
         tokens = np.where(done, pad, tokens).astype(np.int64)
         raw_logits.append(logits)
         scores.append(processed)
@@ -541,7 +568,10 @@ def generate_loop(
         done |= np.isin(tokens, eos)
         if done.all() or step == n_new - 1:
             break
-        logits = decode(tokens)
+        if decode_top is not None and s.plain_argmax(length, prompt_len):
+            logits, top = None, np.asarray(decode_top(tokens), np.int64)
+        else:
+            logits, top = decode(tokens), None
     if streamer is not None:
         streamer.end()
     return sequences[:, :length], tuple(raw_logits), tuple(scores)

@@ -28,7 +28,7 @@ from npu_emulator.device import DeviceTensor
 from npu_emulator.memory import DTYPES, round_bf16, store_value
 from npu_kernels.embedding import embedding
 from npu_kernels.hostmath import _held
-from npu_kernels.lm_head import lm_head
+from npu_kernels.lm_head import ArgmaxScreen, lm_head
 from npu_kernels.norms import rmsnorm
 
 from .host_fused import decode_layer
@@ -128,8 +128,10 @@ class HostDecode:
         self.rt = runtime
         self.steps: dict[tuple, list[CycleReport]] = {}  # (batch shape, attention lengths) -> reports
         self._prepared = None  # per layer: what decode_layer reads of the weights (_layers)
+        self._screen = None  # the LM head's argmax screen (``screen``)
 
-    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray, top: bool = False) -> np.ndarray:
+        """The step's logits (B, V), or with ``top`` their argmax ids (B,) (``decode_top``)."""
         rt = self.rt
         pos = rt.positions.copy()
         if (pos >= rt.max_seq_len).any():
@@ -146,8 +148,8 @@ class HostDecode:
             finally:
                 rt.host_decode = self
             self.steps[key] = cost.reports[first:]
-            return logits
-        logits = self._step(np.asarray(tokens), pos, lengths)
+            return np.argmax(logits, axis=-1) if top else logits
+        logits = self._step(np.asarray(tokens), pos, lengths, top)
         cost.reports.extend(kept)
         rt.npu.last_report = kept[-1]
         rt.positions += 1
@@ -180,7 +182,7 @@ class HostDecode:
             self._prepared = layers
         return self._prepared
 
-    def _step(self, tokens, pos, lengths):
+    def _step(self, tokens, pos, lengths, top=False):
         rt, c = self.rt, self.rt.c
         bf16 = rt.npu.numerics == "bf16" and rt.npu.dtype == "bf16"
         w = rt.weights
@@ -224,7 +226,25 @@ class HostDecode:
                 numba.get_num_threads(),
             )
         h = stored(rmsnorm.fast(stored(x), w["norm"].numpy(), eps=c.rms_norm_eps))
+        if top and c.final_logit_softcapping is None:
+            ids = self.screen()(h, w["vocab_ids"].numpy())
+            if ids is not None:
+                return ids
         logits, _ = lm_head.fast(
             h, w["lm_head"].numpy(), w["vocab_ids"].numpy(), softcap=c.final_logit_softcapping
         )
-        return np.asarray(logits, np.float32)  # the LM head's logits are fp32 on the device
+        logits = np.asarray(logits, np.float32)  # the LM head's logits are fp32 on the device
+        return np.argmax(logits, axis=-1) if top else logits
+
+    def screen(self) -> ArgmaxScreen:
+        """The LM head's int8 screen (``ArgmaxScreen``), made on first use."""
+        if self._screen is None:
+            self._screen = ArgmaxScreen(self.rt.weights["lm_head"].numpy())
+        return self._screen
+
+    def streamed_bytes(self) -> int:
+        """The bytes of weights a step reads: the five products of each layer, and the LM head
+        (its int8 screen once a step used it)."""
+        layers = sum(p.nbytes for prepared in self._layers() for p in prepared[1:])
+        head = self._screen.nbytes if self._screen is not None else self.rt.weights["lm_head"].numpy().nbytes
+        return layers + head

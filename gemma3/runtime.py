@@ -514,6 +514,14 @@ class Gemma3OnNPU:
         self.positions[:n] += 1
         return self._logits("decode", x)
 
+    def decode_top(self, tokens: np.ndarray) -> np.ndarray:
+        """``decode``'s step, returning the argmax ids of its logits (B,) instead of them: the
+        same emulated step and reports. On the host path the logits are not computed, only the
+        argmax (``npu_kernels.lm_head.ArgmaxScreen``): bit for bit ``np.argmax(decode(tokens), -1)``."""
+        if self.host_decode is not None and len(tokens) == self.rbln.batch_size:
+            return self.host_decode(tokens, top=True)
+        return np.argmax(self.decode(tokens), axis=-1)
+
     def _decode_attention(self, n: int, pos: np.ndarray):
         """The ``attend(i, q, k, v)`` of a decode step of the first ``n`` sequences at positions
         ``pos``: the step's keys and values into the cache, then the attention kernel over it."""

@@ -41,9 +41,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError
+from npu_emulator.bf16 import from_bits
 from npu_emulator.fixedmath import tanh32_array
 from npu_emulator.memory import itemsize
 from npu_emulator.program import ceil_div, tiles
@@ -237,4 +239,129 @@ def _engine_program(k, e, x, w, vocab_ids, logits, blk, segs, j0, allm, ids_dram
 
 lm_head = Kernel("lm_head", lm_head_emit, lm_head_fast, lm_head_reference)
 
-__all__ = ["lm_head", "lm_head_emit", "lm_head_fast", "lm_head_reference", "LmHeadPlan", "choose_plan"]
+
+# ----------------------------------------------------------------- host: the argmax alone
+
+
+U = 2.0**-24  # fp32's unit roundoff
+
+
+@numba.njit(cache=True, inline="always")
+def _weight(wt, j, i):
+    """w[j, i] as a float64 (bf16 bits widened, or fp32)."""
+    if wt.itemsize == 2:
+        return np.float64(from_bits(np.uint32(wt[j, i]) << np.uint32(16)))
+    return np.float64(wt[j, i])
+
+
+@numba.njit(parallel=True, cache=True)
+def _quantize_rows(wt, q, scale, err):
+    """Each row j of wt (V, K): q[j] = round(w / scale[j]) in [-127, 127] (int8), scale[j] the
+    fp32 nearest to max |w| / 127, and err[j] = max |w - q scale| (float64: exact)."""
+    for j in numba.prange(wt.shape[0]):
+        m = 0.0
+        for i in range(wt.shape[1]):
+            m = max(m, abs(_weight(wt, j, i)))
+        s = np.float32(m / 127.0) if m > 0.0 else np.float32(1.0)
+        e = 0.0
+        for i in range(wt.shape[1]):
+            v = _weight(wt, j, i)
+            r = min(127.0, max(-127.0, np.rint(v / np.float64(s))))
+            q[j, i] = np.int8(r)
+            e = max(e, abs(v - r * np.float64(s)))
+        scale[j] = s
+        err[j] = e
+
+
+CHUNKS = 64  # row blocks of the screen's parallel loop, each with its own running maximum
+
+
+@numba.njit(parallel=True, cache=True)
+def _approximate(x, q, scale, slack, norms, dots, high, low):
+    """For each row b of x and j of q: A = fl32((x_b . q_j) scale_j) (hostmath's products, the
+    int8 rows widened; dots (B, V) scratch), its bound B = (norms_b slack_j + 2 u |A|) 1.001
+    (float64); high[b, j] = A + B, and low[b, c] the largest A - B of row block c."""
+    v_len = q.shape[0]
+    per = (v_len + CHUNKS - 1) // CHUNKS
+    for c in numba.prange(CHUNKS):
+        j0, j1 = c * per, min(v_len, (c + 1) * per)
+        for b in range(x.shape[0]):
+            for j in range(j0, j1):  # (one row at a time streams fastest here)
+                hostmath._dot_1x1(x, q, dots, b, j)
+            lowest = -np.inf
+            for j in range(j0, j1):
+                a = np.float64(dots[b, j] * scale[j])
+                bound = (norms[b] * slack[j] + 2.0 * U * abs(a)) * 1.001
+                high[b, j] = a + bound
+                lowest = max(lowest, a - bound)
+            low[b, c] = lowest
+
+
+class ArgmaxScreen:
+    """The LM head's ``next_token`` without its logits: the ids ``lm_head_fast`` returns, bit for
+    bit, reading an int8 copy of the weights (half of bf16's bytes) and a few exact rows.
+
+    Greedy decoding with no logits processor and no logits asked for needs only the argmax, and
+    the LM head is most of a small model's bytes (Gemma 3 270M: 335 of 536 MB a step). Each row
+    w_j is held as int8 q_j and an fp32 scale s_j, with e_j = max |w_j - s_j q_j|. For an input
+    x, A_j = fl((x . q_j) s_j) (the dot in hostmath's order), and the logit ``lm_head_fast``
+    computes, L_j (fp32, hostmath's fixed order), satisfies
+    |L_j - A_j| <= B_j = |x|_1 (e_j + 2 gamma_K 128 s_j) + 2 u |A_j| (u = 2^-24,
+    gamma_K = K u / (1 - K u): the rounding of both K-term sums, |w_j| <= 128 s_j; the
+    product's rounding), taken 0.1 % larger. Every row that could hold the maximum, and so the first one holding it, has
+    A_j + B_j >= max_k (A_k - B_k); those candidates' L_j are computed exactly (hostmath's
+    ``matmul``: each output depends on its own row and column only) and the first maximum among
+    them wins, as ``np.argmax`` over all rows would. On Gemma 3 270M's decode steps that is one
+    or two rows. No softcap (tanh can tie distinct logits), finite x only: otherwise ``None``,
+    and the caller computes the logits."""
+
+    def __init__(self, w: np.ndarray):
+        self.w = w  # (K, V) as lm_head_fast takes it
+        wt = hostmath._held(np.ascontiguousarray(w.T))  # (V, K): no copy when w is column-major
+        self.q = np.empty(wt.shape, np.int8)
+        self.scale = np.empty(wt.shape[0], np.float32)
+        self.err = np.empty(wt.shape[0], np.float64)
+        _quantize_rows(wt, self.q, self.scale, self.err)
+        k_len = wt.shape[1]
+        gamma = k_len * U / (1 - k_len * U)
+        self._slack = self.err + 2 * gamma * 128 * self.scale.astype(np.float64)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes a screen reads: the int8 rows and the scales."""
+        return self.q.nbytes + self.scale.nbytes
+
+    def __call__(self, x: np.ndarray, vocab_ids: np.ndarray) -> np.ndarray | None:
+        """``vocab_ids[argmax_v (x @ w)[b, v]]`` for each row of x (B, K), or None if x is not
+        finite."""
+        x = np.ascontiguousarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.q.shape[1]:
+            raise KernelError(f"lm_head screen: x {x.shape} does not match w {self.w.shape}")
+        if not np.isfinite(x).all():
+            return None
+        high = np.empty((x.shape[0], self.q.shape[0]), np.float64)
+        low = np.empty((x.shape[0], CHUNKS), np.float64)
+        norms = np.abs(x.astype(np.float64)).sum(axis=1)
+        dots = np.empty((x.shape[0], self.q.shape[0]), np.float32)
+        _approximate(x, self.q, self.scale, self._slack, norms, dots, high, low)
+        ids = np.empty(x.shape[0], np.int32)
+        rows = self.w.T  # (V, K) C-ordered
+        for b in range(x.shape[0]):
+            cand = np.flatnonzero(high[b] >= low[b].max())
+            if len(cand) > len(high[b]) // 8:  # (an input that separates little: all of them)
+                ids[b] = lm_head_fast(x[b : b + 1], self.w, vocab_ids)[1][0]
+                continue
+            exact = hostmath.matmul(x[b : b + 1], rows[cand].T)[0]
+            ids[b] = np.asarray(vocab_ids)[cand[np.argmax(exact)]]
+        return ids
+
+
+__all__ = [
+    "lm_head",
+    "lm_head_emit",
+    "lm_head_fast",
+    "lm_head_reference",
+    "LmHeadPlan",
+    "choose_plan",
+    "ArgmaxScreen",
+]

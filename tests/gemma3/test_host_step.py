@@ -162,3 +162,66 @@ def test_fused_attention_is_the_kernel_s_fast_function(batch, kv_heads, group, h
         want = attention_decode_fast(q.reshape(batch, hq, head_dim), k, v, mask, scale=scale)
         want = round_bf16(want) if bf16 else want
         assert out.tobytes() == want.reshape(batch, -1).tobytes()
+
+
+@pytest.mark.parametrize("numerics", ["bf16", "fp32"])
+def test_greedy_decode_without_logits_gives_the_same_tokens_and_reports(tmp_path, numerics):
+    """With no logits returned, decode steps give only their argmax (the LM head's int8 screen
+    on the host path, npu_kernels/lm_head.py): the tokens and reports of a run returning them."""
+    tiny_model(tmp_path, sliding_window=16)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, 300, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN, rbln_numerics=numerics, rbln_batch_size=2)
+    runs = []
+    for logits in (True, False):
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=40,
+            eos_token_id=[],
+            return_dict_in_generate=logits,
+            output_logits=logits,
+        )
+        runs.append((out.sequences if logits else out, model.last_report.decode.cycles))
+        assert (model.runtime.host_decode._screen is None) == logits  # made on first use
+    (full, full_cycles), (top, top_cycles) = runs
+    np.testing.assert_array_equal(top, full)
+    assert top_cycles == full_cycles
+
+
+def test_only_plain_argmax_steps_skip_the_logits(tmp_path):
+    """min_new_tokens suppresses eos for the first steps (a processor): those decode steps
+    compute logits, the later ones only the argmax; the tokens are those of a run with logits."""
+    tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    ids = np.random.default_rng(6).integers(3, 300, size=(1, 7))
+    calls, depth = [], [0]
+
+    def spy(method, name):
+        def step(tokens):  # the generate loop's calls (decode_top may run decode inside)
+            calls.extend([name] if depth[0] == 0 else [])
+            depth[0] += 1
+            try:
+                return method(tokens)
+            finally:
+                depth[0] -= 1
+
+        return step
+
+    for name in ("decode", "decode_top"):
+        setattr(model.runtime, name, spy(getattr(model.runtime, name), name))
+    out = model.generate(ids, max_new_tokens=6, min_new_tokens=3, eos_token_id=[1])
+    assert calls == ["decode"] * 2 + ["decode_top"] * 3
+    calls.clear()
+    full = model.generate(
+        ids,
+        max_new_tokens=6,
+        min_new_tokens=3,
+        eos_token_id=[1],
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert calls == ["decode"] * 5
+    np.testing.assert_array_equal(out, full.sequences)

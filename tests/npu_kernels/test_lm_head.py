@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npu_emulator import NPU, TINY, KernelError, round_bf16
-from npu_kernels.lm_head import LmHeadPlan, lm_head, lm_head_reference
+from npu_kernels import hostmath
+from npu_kernels.lm_head import ArgmaxScreen, LmHeadPlan, lm_head, lm_head_fast, lm_head_reference
 from tests.strategies import TINY4, arrays, chips, lm_head_cases, seeds
 
 # On TINY4 V splits over engines and engine 0 combines their partial maxima at test sizes.
@@ -140,3 +141,72 @@ def test_atom_reaches_the_roofline():
     sig = [((1, d), "bf16"), ((d, v), "bf16"), ((v,), "int32")]
     rep = NPU("atom").plan(lm_head, sig, {"softcap": 30.0}).report
     assert rep.pct_of_roofline >= 85.0
+
+
+# ------------------------------------------------------------ the host's argmax screen
+
+
+def screen_case(k, v, dtype, seed, scale=0.05):
+    rng = np.random.default_rng(seed)
+    w = hostmath.column_major(rng.standard_normal((k, v)).astype(np.float32) * scale, dtype)
+    return w, np.arange(v, dtype=np.int32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(1, 90),
+    v=st.integers(1, 700),
+    b=st.integers(1, 3),
+    dtype=st.sampled_from([np.float32, hostmath.BF16]),
+    seed=seeds,
+)
+def test_screen_gives_lm_head_fast_s_ids(k, v, b, dtype, seed):
+    w, ids = screen_case(k, v, dtype, seed)
+    x = arrays((b, k), seed + 1)
+    np.testing.assert_array_equal(ArgmaxScreen(w)(x, ids), lm_head_fast(x, w, ids)[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, hostmath.BF16])
+def test_screen_on_ties_and_near_ties(dtype):
+    """Equal rows (the first wins), a row one bf16 step below them, a zero row, and inputs that
+    make the tied rows the maximum: 300 inputs, each id as lm_head_fast's."""
+    k, v = 64, 3000
+    w, ids = screen_case(k, v, dtype, 3)
+    rows = np.array(w.T, np.float32)
+    rows[[10, 11, 2999]] = rows[2000]  # ties: 10 must win
+    rows[12] = rows[2000] * np.float32(1 - 2**-8)  # one bf16 step smaller: a near tie below
+    rows[13] = 0.0
+    w = hostmath.column_major(rows.T, dtype)
+    screen = ArgmaxScreen(w)
+    rng = np.random.default_rng(4)
+    for t in range(300):
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        if t % 2:
+            x[0] = np.abs(rows[2000]) * np.sign(rows[2000]) * 30  # the tied rows lead
+            x[1] = 0.0  # every logit 0: id 0
+        got = screen(x, ids)
+        np.testing.assert_array_equal(got, lm_head_fast(x, w, ids)[1])
+        if t % 2:
+            assert got.tolist() == [10, 0]
+
+
+def test_screen_looks_up_vocab_ids_and_declines_non_finite_input():
+    w, _ = screen_case(32, 100, hostmath.BF16, 5)
+    ids = np.arange(1000, 1100, dtype=np.int32)[::-1].copy()
+    x = arrays((2, 32), 6)
+    np.testing.assert_array_equal(ArgmaxScreen(w)(x, ids), lm_head_fast(x, w, ids)[1])
+    x[1, 3] = np.nan
+    assert ArgmaxScreen(w)(x, ids) is None
+    with pytest.raises(KernelError, match=r"lm_head screen: x \(2, 31\) does not match w \(32, 100\)"):
+        ArgmaxScreen(w)(x[:, :31], ids)
+
+
+def test_screen_holds_int8_rows_within_their_bound():
+    w, _ = screen_case(70, 500, np.float32, 7, scale=3.0)
+    screen = ArgmaxScreen(w)
+    rows = np.asarray(w.T, np.float64)
+    assert screen.q.dtype == np.int8 and screen.nbytes == 500 * 70 + 500 * 4
+    np.testing.assert_array_equal(
+        screen.err, np.abs(rows - screen.q * screen.scale[:, None].astype(np.float64)).max(1)
+    )
+    assert (np.abs(rows).max(1) <= 128 * screen.scale).all()
