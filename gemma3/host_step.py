@@ -140,6 +140,8 @@ class HostDecode:
         key = (np.shape(tokens), lengths)  # the batch's rows too: every kernel's shape follows them
         kept = self.steps.get(key)
         cost = rt.cost["decode"]
+        if top and rt.c.final_logit_softcapping is None:
+            self.screen()  # made with the first greedy step, so the later ones run at their pace
         if kept is None:  # the per-kernel path, once per attention length: its reports are kept
             first = len(cost.reports)
             rt.host_decode = None

@@ -182,10 +182,17 @@ class CycleReport:
         busy: dict[str, int] = {}
         paths: dict[str, int] = {}
         instr: dict[str, int] = {}
+        times: dict[int, list] = {}  # id -> [report, how often]: a model's steps repeat their reports
         for r in reports:
+            seen = times.get(id(r))
+            if seen is None:
+                times[id(r)] = [r, 1]
+            else:
+                seen[1] += 1
+        for r, n in times.values():  # integer counts: the same sums in any order
             for d, src in ((busy, r.unit_busy), (paths, r.bytes_by_path), (instr, r.instructions)):
                 for k, v in src.items():
-                    d[k] = d.get(k, 0) + v
+                    d[k] = d.get(k, 0) + v * n
         return cls(
             name=name,
             npu=first.npu,

@@ -43,6 +43,10 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from npu_emulator import Kernel, KernelError
 from npu_emulator.bf16 import from_bits
@@ -52,6 +56,7 @@ from npu_emulator.program import ceil_div, tiles
 
 from . import hostmath
 from .common import interleave, queues, split
+from .hostmath import _F32, _I64, LANES
 
 
 def _softcapped(logits: np.ndarray, softcap: float | None) -> np.ndarray:
@@ -274,23 +279,64 @@ def _quantize_rows(wt, q, scale, err):
 
 
 CHUNKS = 64  # row blocks of the screen's parallel loop, each with its own running maximum
+CHAINS = 4  # independent vector sums per screen dot: an int8 row streams faster than one add's latency
+
+
+@intrinsic
+def _screen_dot(typingctx, x, q, b, j):
+    """x[b] . q[j] in fp32, x (B, K) fp32 and q (V, K) int8 rows C-contiguous: ``CHAINS``
+    interleaved ``LANES``-wide sums of rounded products, then added (any order does for the
+    screen: its bound holds for every order)."""
+
+    def codegen(context, builder, sig, args):
+        x_, q_ = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:2], args[:2]))
+        zero = ir.Constant(_I64, 0)
+        xp = cgutils.get_item_pointer(context, builder, sig.args[0], x_, [args[2], zero])
+        qp = cgutils.get_item_pointer(context, builder, sig.args[1], q_, [args[3], zero])
+        k_len = builder.extract_value(x_.shape, 1)
+        vec = ir.VectorType(_F32, LANES)
+        held = ir.VectorType(ir.IntType(8), LANES)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(CHAINS)]
+
+        def add_block(acc, k):
+            xv = builder.load(builder.bitcast(builder.gep(xp, [k]), vec.as_pointer()), align=4)
+            qv = builder.load(builder.bitcast(builder.gep(qp, [k]), held.as_pointer()), align=1)
+            product = builder.fmul(xv, builder.sitofp(qv, vec))
+            builder.store(builder.fadd(builder.load(acc), product), acc)
+
+        step = LANES * CHAINS
+        wide = builder.sub(k_len, builder.srem(k_len, ir.Constant(_I64, step)))
+        with cgutils.for_range_slice(builder, zero, wide, ir.Constant(_I64, step)) as (k, _):
+            for c, acc in enumerate(accs):
+                add_block(acc, builder.add(k, ir.Constant(_I64, c * LANES)))
+        whole = builder.sub(k_len, builder.srem(k_len, ir.Constant(_I64, LANES)))
+        with cgutils.for_range_slice(builder, wide, whole, ir.Constant(_I64, LANES)) as (k, _):
+            add_block(accs[0], k)
+        vs = [builder.load(acc) for acc in accs]
+        while len(vs) > 1:
+            vs = [builder.fadd(vs[i], vs[i + 1]) for i in range(0, len(vs), 2)]
+        total = cgutils.alloca_once_value(builder, hostmath._lane_sum(builder, vs[0]))
+        with cgutils.for_range_slice(builder, whole, k_len, ir.Constant(_I64, 1)) as (k, _):
+            xk = builder.load(builder.gep(xp, [k]))
+            qk = builder.sitofp(builder.load(builder.gep(qp, [k])), _F32)
+            builder.store(builder.fadd(builder.load(total), builder.fmul(xk, qk)), total)
+        return builder.load(total)
+
+    return types.float32(x, q, types.intp, types.intp), codegen
 
 
 @numba.njit(parallel=True, cache=True)
-def _approximate(x, q, scale, slack, norms, dots, high, low):
-    """For each row b of x and j of q: A = fl32((x_b . q_j) scale_j) (hostmath's products, the
-    int8 rows widened; dots (B, V) scratch), its bound B = (norms_b slack_j + 2 u |A|) 1.001
+def _approximate(x, q, scale, slack, norms, high, low):
+    """For each row b of x and j of q: A = fl32((x_b . q_j) scale_j) (``_screen_dot``), its bound B = (norms_b slack_j + 2 u |A|) 1.001
     (float64); high[b, j] = A + B, and low[b, c] the largest A - B of row block c."""
     v_len = q.shape[0]
     per = (v_len + CHUNKS - 1) // CHUNKS
     for c in numba.prange(CHUNKS):
         j0, j1 = c * per, min(v_len, (c + 1) * per)
         for b in range(x.shape[0]):
-            for j in range(j0, j1):  # (one row at a time streams fastest here)
-                hostmath._dot_1x1(x, q, dots, b, j)
             lowest = -np.inf
             for j in range(j0, j1):
-                a = np.float64(dots[b, j] * scale[j])
+                a = np.float64(_screen_dot(x, q, b, j) * scale[j])
                 bound = (norms[b] * slack[j] + 2.0 * U * abs(a)) * 1.001
                 high[b, j] = a + bound
                 lowest = max(lowest, a - bound)
@@ -304,7 +350,7 @@ class ArgmaxScreen:
     Greedy decoding with no logits processor and no logits asked for needs only the argmax, and
     the LM head is most of a small model's bytes (Gemma 3 270M: 335 of 536 MB a step). Each row
     w_j is held as int8 q_j and an fp32 scale s_j, with e_j = max |w_j - s_j q_j|. For an input
-    x, A_j = fl((x . q_j) s_j) (the dot in hostmath's order), and the logit ``lm_head_fast``
+    x, A_j = fl((x . q_j) s_j) (the dot in any order), and the logit ``lm_head_fast``
     computes, L_j (fp32, hostmath's fixed order), satisfies
     |L_j - A_j| <= B_j = |x|_1 (e_j + 2 gamma_K 128 s_j) + 2 u |A_j| (u = 2^-24,
     gamma_K = K u / (1 - K u): the rounding of both K-term sums, |w_j| <= 128 s_j; the
@@ -342,8 +388,7 @@ class ArgmaxScreen:
         high = np.empty((x.shape[0], self.q.shape[0]), np.float64)
         low = np.empty((x.shape[0], CHUNKS), np.float64)
         norms = np.abs(x.astype(np.float64)).sum(axis=1)
-        dots = np.empty((x.shape[0], self.q.shape[0]), np.float32)
-        _approximate(x, self.q, self.scale, self._slack, norms, dots, high, low)
+        _approximate(x, self.q, self.scale, self._slack, norms, high, low)
         ids = np.empty(x.shape[0], np.int32)
         rows = self.w.T  # (V, K) C-ordered
         for b in range(x.shape[0]):
