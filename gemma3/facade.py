@@ -110,6 +110,22 @@ class GenerationReport:
         return "\n".join(rows)
 
 
+class _DirectoryTokenizer:
+    """``model.tokenizer``: the model directory's tokenizer (None without one), parsed on first
+    use: a 262k-entry tokenizer.json takes about a second to parse, and ``generate`` never needs
+    it (the CLI parses its own before it knows which compiled directory to load)."""
+
+    def __get__(self, model, owner=None):
+        if model is None:
+            return self
+        if "_tokenizer" not in model.__dict__:
+            model._tokenizer = load_tokenizer(model.model_dir)
+        return model._tokenizer
+
+    def __set__(self, model, tokenizer):
+        model._tokenizer = tokenizer
+
+
 class NPUGemma3PreTrainedModel:
     """What the text and the image+text facades share: ``from_pretrained`` (export or load a
     compiled directory), ``from_model``, ``compile``, ``save_pretrained`` and the generation
@@ -123,6 +139,7 @@ class NPUGemma3PreTrainedModel:
 
     runtime: Gemma3OnNPU
     rbln_config: NPUModelConfig
+    tokenizer = _DirectoryTokenizer()
     model_config: Gemma3TextConfig  # config.json as our reader holds it (``config``: transformers')
     tokenizer: Gemma3Tokenizer | None
     last_report: GenerationReport | None
@@ -459,23 +476,20 @@ class NPUGemma3PreTrainedModel:
             timer["prefill"] += time.perf_counter() - t
             return np.stack(rows)
 
-        def decode(tokens):
-            t = time.perf_counter()
-            full = np.zeros(decoder_batch, np.int64)
-            full[:batch] = tokens
-            logits = rt.decode(full)[:batch]
-            timer["decode"] += time.perf_counter() - t
-            timer["steps"] += 1
-            return logits
+        def stepper(run):  # a decode step of the padded batch, timed: run(tokens) -> per-row results
+            def step(tokens, *more):
+                t = time.perf_counter()
+                full = np.zeros(decoder_batch, np.int64)
+                full[:batch] = tokens
+                out = run(full, *more)[:batch]
+                timer["decode"] += time.perf_counter() - t
+                timer["steps"] += 1
+                return out
 
-        def decode_top(tokens):  # the argmax alone (no logits returned, none processed)
-            t = time.perf_counter()
-            full = np.zeros(decoder_batch, np.int64)
-            full[:batch] = tokens
-            top = rt.decode_top(full)[:batch]
-            timer["decode"] += time.perf_counter() - t
-            timer["steps"] += 1
-            return top
+            return step
+
+        decode = stepper(rt.decode)  # logits
+        decode_top = stepper(rt.decode_top)  # their argmax alone (no logits returned, none processed)
 
         sample = torch_sampler() if kind == "torch" and settings.seed is None else None
         sequences, raw_logits, scores = generate_loop(
@@ -710,7 +724,6 @@ class NPUGemma3ForCausalLM(NPUGemma3PreTrainedModel):
         self.generation_config = generation_config_of(generation_config)
         self.runtime = build_runtime(config, rbln_config, device_weights)
         self.max_seq_len = self.runtime.max_seq_len
-        self.tokenizer = load_tokenizer(directory)
         self.last_report: GenerationReport | None = None
         self._remember_compiled_config()
 

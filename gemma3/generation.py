@@ -531,8 +531,9 @@ def generate_loop(
     decode_top=None,
 ):
     """Run prefill once and decode until every sequence ended or the budget is spent. ``sample(scores (B, V))
-    -> tokens (B,)`` draws when sampling (default: ``numpy_sampler(s.seed)``). ``decode_top(tokens) -> next
-    tokens (B,)`` (optional), a decode step giving only its logits' argmax, runs instead of ``decode`` where
+    -> tokens (B,)`` draws when sampling (default: ``numpy_sampler(s.seed)``). ``decode_top(tokens, steps) ->
+    next tokens (B,)`` (optional; ``steps``: the decode steps left, this one included), a decode step giving
+    only its logits' argmax, runs instead of ``decode`` where
     the next choice is exactly that (``s.plain_argmax``); the caller passes it only when no logits are returned.
 
     Returns (sequences (B, T + n) int64, raw logits per step, processed scores per step; None for the steps
@@ -569,7 +570,7 @@ def generate_loop(
         if done.all() or step == n_new - 1:
             break
         if decode_top is not None and s.plain_argmax(length, prompt_len):
-            logits, top = None, np.asarray(decode_top(tokens), np.int64)
+            logits, top = None, np.asarray(decode_top(tokens, n_new - 1 - step), np.int64)
         else:
             logits, top = decode(tokens), None
     if streamer is not None:

@@ -40,7 +40,6 @@ from .facade import (
     NPUGemma3PreTrainedModel,
     _to_numpy,
     generation_config_of,
-    load_tokenizer,
 )
 from .lora import lora_device_weights
 from .rbln_config import NPUGemma3ForConditionalGenerationConfig
@@ -176,7 +175,6 @@ class NPUGemma3ForConditionalGeneration(NPUGemma3PreTrainedModel):
         self.runtime.check_image_chunk()
         self.vision = VisionTowerOnNPU(config.vision, self.runtime.npu, vision_weights)
         self.max_seq_len = self.runtime.max_seq_len
-        self.tokenizer = load_tokenizer(directory)
         self.last_report: MultimodalGenerationReport | None = None
         self._remember_compiled_config()
 

@@ -514,12 +514,13 @@ class Gemma3OnNPU:
         self.positions[:n] += 1
         return self._logits("decode", x)
 
-    def decode_top(self, tokens: np.ndarray) -> np.ndarray:
+    def decode_top(self, tokens: np.ndarray, steps: int = 1) -> np.ndarray:
         """``decode``'s step, returning the argmax ids of its logits (B,) instead of them: the
-        same emulated step and reports. On the host path the logits are not computed, only the
-        argmax (``npu_kernels.lm_head.ArgmaxScreen``): bit for bit ``np.argmax(decode(tokens), -1)``."""
+        same emulated step and reports, bit for bit ``np.argmax(decode(tokens), -1)``. ``steps``:
+        the greedy steps the caller expects, this one included; when they repay it, the host
+        path computes only the argmax (``npu_kernels.lm_head.ArgmaxScreen``, made once)."""
         if self.host_decode is not None and len(tokens) == self.rbln.batch_size:
-            return self.host_decode(tokens, top=True)
+            return self.host_decode(tokens, top=True, steps=steps)
         return np.argmax(self.decode(tokens), axis=-1)
 
     def _decode_attention(self, n: int, pos: np.ndarray):

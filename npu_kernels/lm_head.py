@@ -249,36 +249,41 @@ lm_head = Kernel("lm_head", lm_head_emit, lm_head_fast, lm_head_reference)
 
 
 U = 2.0**-24  # fp32's unit roundoff
-
-
-@numba.njit(cache=True, inline="always")
-def _weight(wt, j, i):
-    """w[j, i] as a float64 (bf16 bits widened, or fp32)."""
-    if wt.itemsize == 2:
-        return np.float64(from_bits(np.uint32(wt[j, i]) << np.uint32(16)))
-    return np.float64(wt[j, i])
+CHUNKS = 64  # row blocks of the screen's parallel loops (each with its own running maximum)
 
 
 @numba.njit(parallel=True, cache=True)
 def _quantize_rows(wt, q, scale, err):
-    """Each row j of wt (V, K): q[j] = round(w / scale[j]) in [-127, 127] (int8), scale[j] the
-    fp32 nearest to max |w| / 127, and err[j] = max |w - q scale| (float64: exact)."""
-    for j in numba.prange(wt.shape[0]):
-        m = 0.0
-        for i in range(wt.shape[1]):
-            m = max(m, abs(_weight(wt, j, i)))
-        s = np.float32(m / 127.0) if m > 0.0 else np.float32(1.0)
-        e = 0.0
-        for i in range(wt.shape[1]):
-            v = _weight(wt, j, i)
-            r = min(127.0, max(-127.0, np.rint(v / np.float64(s))))
-            q[j, i] = np.int8(r)
-            e = max(e, abs(v - r * np.float64(s)))
-        scale[j] = s
-        err[j] = e
+    """Each row j of wt (V, K) (fp32, or bf16 as its bits): q[j] = round(w / scale[j]) in
+    [-127, 127] (int8), scale[j] = max |w| / 127 in fp32 (1 for a zero row), and
+    err[j] = max |w - q scale|, in float64 (exact: q has 8 bits, scale 24); inf for a row
+    holding inf or NaN (its logit is always computed)."""
+    k_len = wt.shape[1]
+    for c in numba.prange(CHUNKS):
+        per = (wt.shape[0] + CHUNKS - 1) // CHUNKS
+        row = np.empty(k_len, np.float32)
+        for j in range(c * per, min(wt.shape[0], (c + 1) * per)):
+            for i in range(k_len):
+                if wt.itemsize == 2:
+                    row[i] = from_bits(np.uint32(wt[j, i]) << np.uint32(16))
+                else:
+                    row[i] = wt[j, i]
+            m = np.float32(0.0)
+            finite = True
+            for i in range(k_len):
+                m = max(m, abs(row[i]))
+                finite = finite and abs(row[i]) < np.inf  # (False for NaN too)
+            s = m / np.float32(127.0) if m > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / s
+            e = 0.0
+            for i in range(k_len):
+                r = min(np.float32(127.0), max(np.float32(-127.0), np.rint(row[i] * inv)))
+                q[j, i] = np.int8(r)
+                e = max(e, abs(np.float64(row[i]) - np.float64(r) * np.float64(s)))
+            scale[j] = s
+            err[j] = e if finite else np.inf
 
 
-CHUNKS = 64  # row blocks of the screen's parallel loop, each with its own running maximum
 CHAINS = 4  # independent vector sums per screen dot: an int8 row streams faster than one add's latency
 
 
@@ -358,8 +363,8 @@ class ArgmaxScreen:
     A_j + B_j >= max_k (A_k - B_k); those candidates' L_j are computed exactly (hostmath's
     ``matmul``: each output depends on its own row and column only) and the first maximum among
     them wins, as ``np.argmax`` over all rows would. On Gemma 3 270M's decode steps that is one
-    or two rows. No softcap (tanh can tie distinct logits), finite x only: otherwise ``None``,
-    and the caller computes the logits."""
+    or two rows. A row holding inf or NaN is always a candidate. No softcap (tanh can tie
+    distinct logits), finite x only: otherwise ``None``, and the caller computes the logits."""
 
     def __init__(self, w: np.ndarray):
         self.w = w  # (K, V) as lm_head_fast takes it

@@ -174,6 +174,7 @@ def test_greedy_decode_without_logits_gives_the_same_tokens_and_reports(tmp_path
     mask = np.ones_like(ids)
     mask[0, :3] = 0
     model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN, rbln_numerics=numerics, rbln_batch_size=2)
+    model.runtime.host_decode.screen_after = 30  # (the 270M's 64, scaled to this run)
     runs = []
     for logits in (True, False):
         out = model.generate(
@@ -200,11 +201,11 @@ def test_only_plain_argmax_steps_skip_the_logits(tmp_path):
     calls, depth = [], [0]
 
     def spy(method, name):
-        def step(tokens):  # the generate loop's calls (decode_top may run decode inside)
+        def step(tokens, *more):  # the generate loop's calls (decode_top may run decode inside)
             calls.extend([name] if depth[0] == 0 else [])
             depth[0] += 1
             try:
-                return method(tokens)
+                return method(tokens, *more)
             finally:
                 depth[0] -= 1
 
@@ -225,3 +226,18 @@ def test_only_plain_argmax_steps_skip_the_logits(tmp_path):
     )
     assert calls == ["decode"] * 5
     np.testing.assert_array_equal(out, full.sequences)
+
+
+def test_the_screen_is_made_for_a_generate_it_repays(tmp_path):
+    """The LM head's screen is made when a generate expects at least ``screen_after`` greedy
+    steps, and then serves the later, shorter ones too."""
+    tiny_model(tmp_path)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    host = model.runtime.host_decode
+    host.screen_after = 10
+    ids = np.random.default_rng(7).integers(3, 300, size=(1, 5))
+    short = model.generate(ids, max_new_tokens=10, eos_token_id=[])  # 9 decode steps
+    assert host._screen is None
+    model.generate(ids, max_new_tokens=11, eos_token_id=[])
+    assert host._screen is not None
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=10, eos_token_id=[]), short)

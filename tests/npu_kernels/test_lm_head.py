@@ -210,3 +210,17 @@ def test_screen_holds_int8_rows_within_their_bound():
         screen.err, np.abs(rows - screen.q * screen.scale[:, None].astype(np.float64)).max(1)
     )
     assert (np.abs(rows).max(1) <= 128 * screen.scale).all()
+
+
+def test_screen_with_non_finite_weights():
+    """A row holding inf or NaN is always computed: the ids are lm_head_fast's (NaN wins first)."""
+    w, ids = screen_case(24, 300, np.float32, 8)
+    rows = np.array(w.T)
+    rows[40, 3], rows[7, 0], rows[200, 5] = np.nan, np.inf, -np.inf
+    w = hostmath.column_major(rows.T)
+    screen = ArgmaxScreen(w)
+    assert np.isinf(screen.err[[7, 40, 200]]).all() and np.isfinite(np.delete(screen.err, [7, 40, 200])).all()
+    for seed in range(20):
+        x = arrays((2, 24), seed)
+        x[1, 3] = 0.0  # row 40's NaN meets a zero: still NaN
+        np.testing.assert_array_equal(screen(x, ids), lm_head_fast(x, w, ids)[1])
