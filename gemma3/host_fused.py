@@ -22,7 +22,7 @@ so that every value is the same:
   (columns of a product, blocks of slots of the scores, query heads), never parts of one sum.
   The row maximum of the softmax is taken per block of slots and then over the blocks: a
   maximum does not depend on the order (NaN scores aside).
-* **The same elementwise code**: the expressions of rope, GeGLU (``gelu_tanh32``) and the
+* **The same elementwise code**: the expressions of rope, GeGLU (``matmul.geglu_into``) and the
   softmax's ``exp`` are those of the kernels, compiled by Numba without fast-math (no fused
   multiply-add, no reassociation).
 
@@ -45,9 +45,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from npu_emulator.bf16 import round_value as round_bf16
-from npu_emulator.fixedmath import exp32, gelu_tanh32
+from npu_emulator.fixedmath import exp32
 from npu_kernels.attention_decode import NEG
-from npu_kernels.hostmath import _F32, _I32, _I64, LANES, _mm_columns
+from npu_kernels.hostmath import _F32, _I32, _I64, LANES, TILE_N, _mm_columns, block_columns
+from npu_kernels.matmul import geglu_into
 
 SLOTS = 32  # cache slots per parallel block of scores
 
@@ -214,14 +215,6 @@ def _attend(t, s, top, v_cache, hkv, hd, bf16, out):
         out[b, h * hd + d] = round_bf16(acc[d] / total, bf16)
 
 
-@numba.njit(cache=True, inline="always")
-def _blocks(n, threads):
-    """Columns per parallel block of a product of n columns: about four blocks per thread,
-    whole register tiles of 4 columns."""
-    per = -(-n // (4 * threads))
-    return max(4, -(-per // 4) * 4)
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _round_rows(x, bf16):
     if bf16:
@@ -237,13 +230,6 @@ def _add_norm(x, y, w1, eps, bf16, tmp):
         _norm(y, m, 0, y.shape[1], w1, eps, bf16, False, tmp, 0)
         for c in range(x.shape[1]):
             x[m, c] = x[m, c] + tmp[m, c]
-
-
-@numba.njit(cache=True, error_model="numpy")
-def _geglu(g, u, h, n0, n1, bf16):
-    for m in range(g.shape[0]):
-        for c in range(n0, n1):
-            h[m, c] = round_bf16(gelu_tanh32(g[m, c]) * u[m, c], bf16)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -283,7 +269,7 @@ def decode_layer(
         _norm(x, m, 0, width, norms[0], eps, bf16, True, h, 0)
 
     qkv = np.empty((rows, nqkv), np.float32)
-    blk = _blocks(nqkv, threads)
+    blk = block_columns(nqkv, TILE_N, nqkv, threads)
     for t in numba.prange(-(-nqkv // blk)):
         _mm_columns(h, w_qkv, qkv, t * blk, min(nqkv, (t + 1) * blk))
     _round_rows(qkv, bf16)
@@ -303,7 +289,7 @@ def decode_layer(
         _attend(t, s, top, v_cache, hkv, hd, bf16, a)
 
     o = np.empty((rows, width), np.float32)
-    blk = _blocks(width, threads)
+    blk = block_columns(width, TILE_N, width, threads)
     for t in numba.prange(-(-width // blk)):
         _mm_columns(a, w_o, o, t * blk, min(width, (t + 1) * blk))
     _round_rows(o, bf16)
@@ -314,13 +300,13 @@ def decode_layer(
     gate = np.empty((rows, f), np.float32)
     up = np.empty((rows, f), np.float32)
     hidden = np.empty((rows, f), np.float32)
-    blk = _blocks(f, threads)
+    blk = block_columns(f, TILE_N, f, threads)
     for t in numba.prange(-(-f // blk)):
         n0, n1 = t * blk, min(f, (t + 1) * blk)
         _mm_columns(h, w_gate, gate, n0, n1)
         _mm_columns(h, w_up, up, n0, n1)
-        _geglu(gate, up, hidden, n0, n1, bf16)
-    blk = _blocks(width, threads)
+        geglu_into(gate, up, hidden, n0, n1, bf16)
+    blk = block_columns(width, TILE_N, width, threads)
     for t in numba.prange(-(-width // blk)):
         _mm_columns(hidden, w_down, o, t * blk, min(width, (t + 1) * blk))
     _round_rows(o, bf16)

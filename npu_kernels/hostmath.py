@@ -122,8 +122,7 @@ def _lane_sums(builder, accs):
 def _dot_tile(rows: int, cols: int):
     """An intrinsic ``tile(a, wt, out, m0, n0)``: out[m0 + i, n0 + j] = a[m0 + i] . wt[n0 + j]
     for i < rows, j < cols, in the fixed order of the module docstring. a (M, K) fp32 and
-    wt (N, K) fp32, bf16 bits (uint16) or int8 (widened to their fp32 values: the LM head's
-    screen, ``npu_kernels/lm_head.py``), rows C-contiguous; the tile shares each loaded
+    wt (N, K) fp32 or bf16 bits (uint16), rows C-contiguous; the tile shares each loaded
     ``LANES``-vector of a among its columns and of wt among its rows."""
 
     @intrinsic
@@ -135,9 +134,7 @@ def _dot_tile(rows: int, cols: int):
             k_len = builder.extract_value(a_.shape, 1)
             vec = ir.VectorType(_F32, LANES)
             bf16 = w_ty.dtype == types.uint16
-            int8 = w_ty.dtype == types.int8
             held = ir.VectorType(ir.IntType(16), LANES) if bf16 else vec
-            held = ir.VectorType(ir.IntType(8), LANES) if int8 else held
             zero = ir.Constant(_I64, 0)
 
             def row(ty, arr, first, i):
@@ -145,8 +142,6 @@ def _dot_tile(rows: int, cols: int):
                 return cgutils.get_item_pointer(context, builder, ty, arr, [index, zero])
 
             def widen(v, to):  # bf16 bits -> the fp32 word whose upper half they are
-                if int8:
-                    return builder.sitofp(v, to)
                 if not bf16:
                     return v
                 bits = ir.VectorType(_I32, LANES) if isinstance(to, ir.VectorType) else _I32
@@ -162,7 +157,7 @@ def _dot_tile(rows: int, cols: int):
                     builder.load(builder.bitcast(builder.gep(p, [k]), vec.as_pointer()), align=4) for p in xs
                 ]
                 wv = [
-                    widen(builder.load(builder.bitcast(builder.gep(p, [k]), held.as_pointer()), align=1), vec)
+                    widen(builder.load(builder.bitcast(builder.gep(p, [k]), held.as_pointer()), align=2), vec)
                     for p in ws
                 ]
                 for i, x in enumerate(xv):
@@ -263,10 +258,17 @@ def _mm_nt_pair(a, wt0, wt1, out0, out1, block):
             _mm_columns(a, wt1, out1, c * block, min(n1, (c + 1) * block))
 
 
-def _block(n: int, unit: int, cap: int) -> int:
-    """Columns per parallel block: about four blocks per thread (balance), at most ``cap``."""
-    per = -(-n // (4 * numba.get_num_threads()))
+@numba.njit(cache=True)
+def block_columns(n, unit, cap, threads):
+    """Columns per parallel block of n on ``threads`` threads: about four blocks per thread
+    (balance), whole multiples of ``unit``, at most ``cap`` (and at least ``unit``)."""
+    per = -(-n // (4 * threads))
     return max(unit, min(cap, -(-per // unit) * unit))
+
+
+def _block(n: int, unit: int, cap: int) -> int:
+    """``block_columns`` on Numba's threads."""
+    return block_columns(n, unit, cap, numba.get_num_threads())
 
 
 def transposed(w: np.ndarray) -> bool:

@@ -48,8 +48,6 @@ import numba
 import numpy as np
 
 from npu_emulator import Kernel, KernelError, NPUConfig, as_stored
-from npu_emulator.bf16 import round_value
-from npu_emulator.fixedmath import gelu_tanh32
 from npu_emulator.program import ceil_div, tiles
 
 from . import hostmath
@@ -64,6 +62,7 @@ from .matmul import (
     choose_tiling,
     footprint,
     geglu_fast,
+    geglu_into,
     gelu_tanh_reference,
     stage_bytes,
 )
@@ -89,7 +88,7 @@ STRIP = 16  # columns of gate and up computed, then activated, while they are in
 def _geglu_columns(a, wg, wu, h, block, bf16):
     """h = gelu_tanh(a @ wg.T) * (a @ wu.T), rounded to bf16 when ``bf16`` (``as_stored``):
     blocks of ``block`` columns in parallel, each product and the GeGLU of a block on one
-    thread (hostmath's products, ``geglu_fast``'s expression: the same bits, one fork)."""
+    thread (hostmath's products, ``geglu_into`` as ``geglu_fast``: the same bits, one fork)."""
     n = wg.shape[0]
     g = np.empty_like(h)
     u = np.empty_like(h)
@@ -98,9 +97,7 @@ def _geglu_columns(a, wg, wu, h, block, bf16):
             n1 = min(n, (b + 1) * block, n0 + STRIP)
             hostmath._mm_columns(a, wg, g, n0, n1)
             hostmath._mm_columns(a, wu, u, n0, n1)
-            for m in range(a.shape[0]):
-                for c in range(n0, n1):
-                    h[m, c] = round_value(gelu_tanh32(g[m, c]) * u[m, c], bf16)
+            geglu_into(g, u, h, n0, n1, bf16)
 
 
 def geglu_mlp_fast(x, w_gate, w_up, w_down, *, numerics: str = "fp32", **_) -> np.ndarray:
