@@ -46,8 +46,8 @@ CHUNK_ROW_INPUTS = {
 
 
 # Greedy steps a generate must expect before its host decode makes the LM head's int8 screen
-# (npu_kernels.lm_head.ArgmaxScreen): on Gemma 3 270M (2-core AMD EPYC) it takes ~0.2 s and a
-# step then reads its 168 MB instead of 335 (~3.5 ms less), so it repays itself after ~60 steps.
+# (npu_kernels.lm_head.ArgmaxScreen): on Gemma 3 270M (2-core AMD EPYC) it takes 0.2-0.36 s, and
+# a step then reads its 171 MB instead of 335 (~3.5 ms less): it repays itself after 60-100 steps.
 SCREEN_AFTER = 64
 
 # What decode_layer reads per layer (gemma3/host_fused.py), in its order.
@@ -236,7 +236,7 @@ class HostDecode:
                 numba.get_num_threads(),
             )
         h = stored(rmsnorm.fast(stored(x), w["norm"].numpy(), eps=c.rms_norm_eps))
-        if top and self._screen is not None and c.final_logit_softcapping is None:
+        if top and self._screen is not None:
             ids = self._screen(h, w["vocab_ids"].numpy())
             if ids is not None:
                 return ids
@@ -246,9 +246,10 @@ class HostDecode:
         logits = np.asarray(logits, np.float32)  # the LM head's logits are fp32 on the device
         return np.argmax(logits, axis=-1) if top else logits
 
-    def screen(self) -> ArgmaxScreen:
-        """The LM head's int8 screen (``ArgmaxScreen``), made on first use."""
-        if self._screen is None:
+    def screen(self) -> ArgmaxScreen | None:
+        """The LM head's int8 screen (``ArgmaxScreen``), made on first use; None under a final
+        softcap (tanh can tie distinct logits: the argmax needs them all)."""
+        if self._screen is None and self.rt.c.final_logit_softcapping is None:
             self._screen = ArgmaxScreen(self.rt.weights["lm_head"].numpy())
         return self._screen
 

@@ -379,8 +379,8 @@ class ArgmaxScreen:
 
     @property
     def nbytes(self) -> int:
-        """The bytes a screen reads: the int8 rows and the scales."""
-        return self.q.nbytes + self.scale.nbytes
+        """The bytes a screen reads each call: the int8 rows, their scales and their bounds."""
+        return self.q.nbytes + self.scale.nbytes + self._slack.nbytes
 
     def __call__(self, x: np.ndarray, vocab_ids: np.ndarray) -> np.ndarray | None:
         """``vocab_ids[argmax_v (x @ w)[b, v]]`` for each row of x (B, K), or None if x is not

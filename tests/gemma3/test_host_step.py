@@ -241,3 +241,20 @@ def test_the_screen_is_made_for_a_generate_it_repays(tmp_path):
     model.generate(ids, max_new_tokens=11, eos_token_id=[])
     assert host._screen is not None
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=10, eos_token_id=[]), short)
+
+
+def test_no_screen_under_a_final_softcap(tmp_path):
+    """tanh can tie distinct logits, so a softcapped LM head is never screened: greedy steps
+    without logits read it whole and give the tokens of a run returning logits."""
+    tiny_model(tmp_path, final_logit_softcapping=0.5)
+    model = NPUGemma3ForCausalLM.from_pretrained(tmp_path, **RBLN)
+    assert model.runtime.c.final_logit_softcapping == 0.5
+    host = model.runtime.host_decode
+    host.screen_after = 1
+    ids = np.random.default_rng(8).integers(3, 300, size=(1, 5))
+    top = model.generate(ids, max_new_tokens=12, eos_token_id=[])
+    assert host.screen() is None and host._screen is None
+    full = model.generate(
+        ids, max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True, output_logits=True
+    )
+    np.testing.assert_array_equal(top, full.sequences)

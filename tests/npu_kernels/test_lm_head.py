@@ -205,7 +205,7 @@ def test_screen_holds_int8_rows_within_their_bound():
     w, _ = screen_case(70, 500, np.float32, 7, scale=3.0)
     screen = ArgmaxScreen(w)
     rows = np.asarray(w.T, np.float64)
-    assert screen.q.dtype == np.int8 and screen.nbytes == 500 * 70 + 500 * 4
+    assert screen.q.dtype == np.int8 and screen.nbytes == 500 * 70 + 500 * 4 + 500 * 8
     np.testing.assert_array_equal(
         screen.err, np.abs(rows - screen.q * screen.scale[:, None].astype(np.float64)).max(1)
     )
